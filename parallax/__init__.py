@@ -1,0 +1,14 @@
+"""parallax: Parallax attention kernels, layers, Muon training and fast decode."""
+from .kernels import parallax_attn, parallax_attn_with_kvcache, parallax_reference, softmax_attention
+from .nn import KVCache, ParallaxAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KVCache",
+    "ParallaxAttention",
+    "parallax_attn",
+    "parallax_attn_with_kvcache",
+    "parallax_reference",
+    "softmax_attention",
+]

@@ -1,0 +1,87 @@
+"""`parallax_attn` and `softmax_attention`: the functions users call.
+
+They validate, resolve the backend and hand the inputs to the Triton kernel
+(CUDA tensors) or the blockwise torch path (everything else).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blockwise import blockwise_attention
+from .checks import check_backend, check_cu_seqlens, check_qkv, check_scale, check_window
+
+
+def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
+    check_qkv(q, r, k, v)
+    check_scale(scale)
+    check_window(window_size)
+    check_backend(backend)
+    check_cu_seqlens(cu_seqlens, q, k)
+
+
+def _resolve_backend(backend, q: torch.Tensor) -> str:
+    if backend is None:
+        return "triton" if q.is_cuda else "torch"
+    return backend
+
+
+def _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
+    if cu_seqlens is None:
+        return blockwise_attention(q, r, k, v, scale=scale, causal=causal, window_size=window_size)
+    bounds = cu_seqlens.tolist()
+    pieces = [
+        blockwise_attention(
+            q[:, a:b], None if r is None else r[:, a:b], k[:, a:b], v[:, a:b],
+            scale=scale, causal=causal, window_size=window_size,
+        )
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(pieces, dim=1)
+
+
+def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
+    raise NotImplementedError("backend='triton' is not available yet; use backend='torch'")
+
+
+def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None):
+    """Parallax attention: softmax attention minus the probe covariance.
+
+    o_i = sum_j w_ij v_j with p = softmax(scale * q.k), s2 = r.k (unscaled),
+    w_ij = p_ij (1 + sbar_i - s2_ij), sbar_i = sum_j p_ij s2_ij.
+
+    Args:
+        q, r: [B, T, HQ, D] queries and probes.
+        k, v: [B, S, HK, D], HQ a multiple of HK (grouped-query attention).
+        scale: multiplies q.k only; None means D ** -0.5.
+        causal: end-aligned causal mask, query i sees key j <= i + S - T.
+        window_size: keep only the W most recent visible keys (self included).
+        cu_seqlens: int32 [N + 1] offsets of N sequences packed in batch 1
+            (T == S); each sequence is masked on its own.
+        backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
+
+    Returns [B, T, HQ, D] in q's dtype; rows that see no key are 0.
+    Differentiable in q, r, k and v.
+    """
+    _validate(q, r, k, v, scale, window_size, cu_seqlens, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    path = _triton_path if _resolve_backend(backend, q) == "triton" else _torch_path
+    return path(q, r, k, v, scale, causal, window_size, cu_seqlens)
+
+
+def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None):
+    """Softmax attention under the conventions of `parallax_attn` (no probe).
+
+    Uses PyTorch SDPA where its mask convention coincides (no window, no
+    cu_seqlens, and T == S when causal), else the blockwise torch path.
+    """
+    _validate(q, None, k, v, scale, window_size, cu_seqlens, None)
+    T, S = q.shape[1], k.shape[1]
+    if cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S):
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return o.transpose(1, 2)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _torch_path(q, None, k, v, scale, causal, window_size, cu_seqlens)

@@ -1,0 +1,176 @@
+"""`parallax_attn_with_kvcache`: attention of new queries against a KV cache.
+
+The cache follows FlashAttention's `flash_attn_with_kvcache` conventions:
+contiguous [B, S_max, HK, D] or paged [num_blocks, block_size, HK, D] with an
+int32 block_table [B, max_blocks]; `cache_seqlens` [B] counts the tokens
+already cached. New keys/values, when given, are written in place at
+`cache_seqlens` before attending. The sequence then holds
+L = cache_seqlens + Tq keys (L = cache_seqlens when no k, v are given), and
+query t sits at position L - Tq + t: end-aligned causal, as FlashAttention.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_backend, check_same, check_scale, check_tensor, check_window
+
+
+def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend):
+    layout = "[batch, seq, heads, head_dim]"
+    check_tensor("q", q, 4, layout)
+    check_tensor("r", r, 4, layout)
+    if r.shape != q.shape:
+        raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
+    check_same("q", q, "r", r)
+    cache_layout = "[num_blocks, block_size, kv_heads, head_dim]" if block_table is not None else "[batch, max_seqlen, kv_heads, head_dim]"
+    check_tensor("k_cache", k_cache, 4, cache_layout)
+    check_tensor("v_cache", v_cache, 4, cache_layout)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    check_same("q", q, "k_cache", k_cache)
+    check_same("q", q, "v_cache", v_cache)
+    B, Tq, HQ, D = q.shape
+    HK = k_cache.shape[2]
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache must have the head_dim of q ({D}), got {k_cache.shape[3]}")
+    if HK == 0 or HQ % HK != 0:
+        raise ValueError(f"q heads ({HQ}) must be a multiple of k_cache heads ({HK}) for grouped-query attention")
+    if Tq < 1:
+        raise ValueError(f"q must hold at least one query per sequence, got seq length {Tq}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    if k is not None:
+        for name, x in (("k", k), ("v", v)):
+            check_tensor(name, x, 4, "[batch, seq, kv_heads, head_dim]")
+            if x.shape != (B, Tq, HK, D):
+                raise ValueError(f"{name} must have shape {(B, Tq, HK, D)} (q's batch and seq, the cache's heads), got {tuple(x.shape)}")
+            check_same("k_cache", k_cache, name, x)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape [{B}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != k_cache.device:
+        raise ValueError(f"cache_seqlens must be on the cache's device ({k_cache.device}), got {cache_seqlens.device}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"k_cache must have q's batch size ({B}) in dim 0, got {k_cache.shape[0]}")
+        capacity = k_cache.shape[1]
+    else:
+        if not isinstance(block_table, torch.Tensor):
+            raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
+        if block_table.dtype != torch.int32 or block_table.ndim != 2 or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be an int32 tensor of shape [{B}, max_blocks], got {block_table.dtype} {tuple(block_table.shape)}")
+        if block_table.device != k_cache.device:
+            raise ValueError(f"block_table must be on the cache's device ({k_cache.device}), got {block_table.device}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    check_scale(scale)
+    check_window(window_size)
+    check_backend(backend)
+    if _reading_values_is_allowed(q):
+        _check_values(cache_seqlens, block_table, Tq if k is not None else 0, capacity, k_cache.shape[0])
+
+
+def _reading_values_is_allowed(q) -> bool:
+    """Value checks synchronise with the device, so they are skipped while a
+    CUDA graph is captured or torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
+    lengths = cache_seqlens.tolist()
+    if min(lengths) < 0:
+        raise ValueError(f"cache_seqlens must be >= 0, got {min(lengths)}")
+    if max(lengths) + new_tokens > capacity:
+        raise ValueError(
+            f"cache overflow: cache_seqlens + {new_tokens} new tokens reaches {max(lengths) + new_tokens}, "
+            f"but the cache holds {capacity} positions per sequence"
+        )
+    if block_table is not None:
+        # Only the blocks a sequence will read must be valid; unused slots may hold anything.
+        bs = capacity // block_table.shape[1]
+        used = (torch.tensor(lengths, device=block_table.device)[:, None] + new_tokens + bs - 1) // bs
+        in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used
+        bad = in_use & ((block_table < 0) | (block_table >= num_blocks))
+        if bool(bad.any()):
+            raise ValueError(f"block_table entries in use must lie in [0, {num_blocks}) (k_cache's num_blocks)")
+
+
+def _logical_cache(cache, block_table):
+    """[B, S, HK, D] view of the cache (a gather for a paged cache)."""
+    if block_table is None:
+        return cache
+    return cache[block_table.long()].flatten(1, 2)
+
+
+def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
+    B, Tq = k.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(Tq, device=k.device)  # [B, Tq]
+    if block_table is None:
+        rows = torch.arange(B, device=k.device)[:, None].expand(B, Tq)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
+    else:
+        bs = k_cache.shape[1]
+        blocks = torch.gather(block_table.long(), 1, pos // bs)
+        k_cache[blocks, pos % bs] = k
+        v_cache[blocks, pos % bs] = v
+
+
+def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size):
+    """Dense float32 attention of q, r against the first `seqlens` [B] cached keys."""
+    B, Tq, HQ, D = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    K = _logical_cache(k_cache, block_table).to(dtype)
+    V = _logical_cache(v_cache, block_table).to(dtype)
+    HK = K.shape[2]
+    qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
+    rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
+    pos = seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)  # [B, Tq]
+    j = torch.arange(K.shape[1], device=q.device)
+    visible = j[None, None, :] <= pos[:, :, None]
+    if window_size is not None:
+        visible &= j[None, None, :] > pos[:, :, None] - window_size
+    visible = visible[:, None, None]  # [B, 1, 1, Tq, S]
+    has_key = visible.any(dim=-1, keepdim=True)  # false before the first key: output 0
+    s1 = torch.einsum("btkgd,bskd->bkgts", qg, K) * scale
+    s1 = s1.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
+    p = torch.softmax(s1, dim=-1).masked_fill(~visible, 0.0)
+    s2 = torch.einsum("btkgd,bskd->bkgts", rg, K).masked_fill(~visible, 0.0)
+    sbar = (p * s2).sum(-1, keepdim=True)
+    w = p * (1.0 + sbar - s2)
+    o = torch.einsum("bkgts,bskd->btkgd", w, V)
+    return o.reshape(B, Tq, HQ, D).to(q.dtype)
+
+
+def parallax_attn_with_kvcache(
+    q, r, k_cache, v_cache, *, k=None, v=None, cache_seqlens, scale=None, window_size=None,
+    block_table=None, backend=None,
+):
+    """Parallax attention of Tq >= 1 new queries against a KV cache.
+
+    Args:
+        q, r: [B, Tq, HQ, D].
+        k_cache, v_cache: [B, S_max, HK, D], or [num_blocks, block_size, HK, D]
+            with `block_table`.
+        k, v: optional [B, Tq, HK, D], written in place into the cache at
+            `cache_seqlens` before attending.
+        cache_seqlens: int32 [B], tokens in the cache before this call.
+        scale: multiplies q.k only; None means D ** -0.5.
+        window_size: attend to the W most recent positions only (self included).
+        block_table: int32 [B, max_blocks] for a paged cache.
+        backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
+
+    Returns [B, Tq, HQ, D] in q's dtype. cache_seqlens is not advanced: the
+    caller owns it (add Tq after the call).
+    """
+    _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "triton" or (backend is None and q.is_cuda):
+        raise NotImplementedError("backend='triton' decode is not available yet; use backend='torch'")
+    seqlens = cache_seqlens
+    if k is not None:
+        _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
+        seqlens = cache_seqlens + q.shape[1]
+    return kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size)

@@ -1,0 +1,118 @@
+"""ParallaxAttention: a drop-in multi-head attention layer, softmax or Parallax."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.attention import parallax_attn, softmax_attention
+from ..kernels.decode import parallax_attn_with_kvcache
+from .cache import KVCache
+from .rope import RotaryEmbedding, apply_rope, packed_positions
+
+KINDS = ("parallax", "softmax")
+
+
+class ParallaxAttention(nn.Module):
+    """Causal self-attention mapping [B, T, dim] to [B, T, dim].
+
+    kind="parallax" adds one projection, the probe r = W_R x (shape of q), and
+    computes softmax attention minus the probe covariance; kind="softmax" is the
+    same layer without it. RoPE rotates q, k and r by the same angles;
+    qk_norm applies a per-head RMSNorm to q, r and k. Pass a `KVCache` (see
+    `new_cache`) to decode incrementally: chunk after chunk through the cache
+    gives the outputs of one call on the whole sequence.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 kind: str = "parallax", window_size: int | None = None, qk_norm: bool = False,
+                 rope_theta: float = 10000.0, bias: bool = False):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is None")
+            head_dim = dim // num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kind, self.window_size = kind, window_size
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.r_proj = nn.Linear(dim, num_heads * head_dim, bias=bias) if kind == "parallax" else None
+        self.q_norm = self.k_norm = self.r_norm = None
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim)
+            self.k_norm = nn.RMSNorm(head_dim)
+            if kind == "parallax":
+                self.r_norm = nn.RMSNorm(head_dim)
+        self.rope = RotaryEmbedding(head_dim, rope_theta)
+        self.reset_probe()
+
+    def reset_probe(self) -> None:
+        """Start as exact softmax attention: the probe r is zero at step 0.
+
+        s2 = <r, k> is not scaled by D ** -0.5, so a probe at the usual init
+        would move the weights w = p (1 + sbar - s2) far from a distribution
+        before training has said it wants a correction. A zero probe still
+        receives gradient (dr = sum_j ds2_ij k_j is non-zero), so it grows only
+        where the loss asks. With qk_norm the RMSNorm would amplify a zero
+        probe's gradient by 1/sqrt(eps), so there W_R keeps its random init
+        and the r-norm's gain starts at zero instead.
+        """
+        if self.r_proj is None:
+            return
+        if self.r_norm is not None:
+            nn.init.zeros_(self.r_norm.weight)
+        else:
+            nn.init.zeros_(self.r_proj.weight)
+        if self.r_proj.bias is not None:
+            nn.init.zeros_(self.r_proj.bias)
+
+    def new_cache(self, batch_size: int, max_seqlen: int, *, dtype=None, device=None) -> KVCache:
+        weight = self.k_proj.weight
+        return KVCache(batch_size, max_seqlen, self.num_kv_heads, self.head_dim,
+                       dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def _heads(self, proj: nn.Linear, x: torch.Tensor, heads: int, norm: nn.Module | None) -> torch.Tensor:
+        y = proj(x).unflatten(-1, (heads, self.head_dim))
+        return y if norm is None else norm(y)
+
+    def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
+                backend: str | None = None) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ValueError(f"x must have 3 dims [batch, seq, dim], got shape {tuple(x.shape)}")
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("cache and cu_seqlens cannot be used together")
+        B, T, _ = x.shape
+        q = self._heads(self.q_proj, x, self.num_heads, self.q_norm)
+        k = self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm)
+        v = self._heads(self.v_proj, x, self.num_kv_heads, None)
+        r = None if self.r_proj is None else self._heads(self.r_proj, x, self.num_heads, self.r_norm)
+
+        if cache is not None:
+            positions = cache.seqlens.long()[:, None] + torch.arange(T, device=x.device)
+        elif cu_seqlens is not None:
+            positions = packed_positions(cu_seqlens, T)
+        else:
+            positions = torch.arange(T, device=x.device)
+        cos, sin = self.rope(positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if r is not None:
+            r = apply_rope(r, cos, sin)
+
+        if cache is not None:
+            # Softmax decode is Parallax decode with a zero probe (w = p); the
+            # extra FLOPs are free in the bandwidth-bound decode.
+            probe = torch.zeros_like(q) if r is None else r
+            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens,
+                                           window_size=self.window_size, backend=backend)
+            cache.seqlens += T
+        elif r is None:
+            o = softmax_attention(q, k, v, window_size=self.window_size, cu_seqlens=cu_seqlens)
+        else:
+            o = parallax_attn(q, r, k, v, window_size=self.window_size, cu_seqlens=cu_seqlens, backend=backend)
+        return self.o_proj(o.flatten(-2))

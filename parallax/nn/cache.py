@@ -1,0 +1,24 @@
+"""The KV cache one attention layer reads and appends to during decoding."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Contiguous cache [B, max_seqlen, HK, D] for keys and values, plus the
+    int32 number of tokens cached per sequence. This is the layout that
+    `parallax_attn_with_kvcache` (and its Triton kernel) reads."""
+
+    def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
+                 dtype=torch.float32, device=None):
+        shape = (batch_size, max_seqlen, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self) -> None:
+        self.seqlens.zero_()
