@@ -41,7 +41,9 @@ def _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
 
 
 def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
-    raise NotImplementedError("backend='triton' is not available yet; use backend='torch'")
+    from .op import parallax_triton  # lazy: the op's kernels need triton
+
+    return parallax_triton(q, r, k, v, scale, causal, window_size, cu_seqlens)
 
 
 def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None):
@@ -73,7 +75,8 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_
     """Softmax attention under the conventions of `parallax_attn` (no probe).
 
     Uses PyTorch SDPA where its mask convention coincides (no window, no
-    cu_seqlens, and T == S when causal), else the blockwise torch path.
+    cu_seqlens, and T == S when causal), else the Triton kernel on CUDA and the
+    blockwise torch path elsewhere.
     """
     _validate(q, None, k, v, scale, window_size, cu_seqlens, None)
     T, S = q.shape[1], k.shape[1]
@@ -84,4 +87,5 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_
         )
         return o.transpose(1, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _torch_path(q, None, k, v, scale, causal, window_size, cu_seqlens)
+    path = _triton_path if q.is_cuda else _torch_path
+    return path(q, None, k, v, scale, causal, window_size, cu_seqlens)

@@ -7,8 +7,13 @@ already cached. New keys/values, when given, are written in place at
 `cache_seqlens` before attending. The sequence then holds
 L = cache_seqlens + Tq keys (L = cache_seqlens when no k, v are given), and
 query t sits at position L - Tq + t: end-aligned causal, as FlashAttention.
+The Triton kernel lives in `triton_decode.py`; the torch path here is exact
+and serves CPU tensors and inputs the kernel does not take.
 """
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
@@ -68,6 +73,35 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
     check_backend(backend)
     if _reading_values_is_allowed(q):
         _check_values(cache_seqlens, block_table, Tq if k is not None else 0, capacity, k_cache.shape[0])
+
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _triton_unsupported(q) -> Exception | None:
+    """Why the Triton kernel cannot take these inputs, or None if it can."""
+    if q.dtype not in TRITON_DTYPES:
+        return TypeError(f"backend='triton' needs q of dtype float16, bfloat16 or float32, got {q.dtype}; use backend='torch'")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        return ValueError(f"backend='triton' needs q's head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}; use backend='torch'")
+    # Triton's interpreter (TRITON_INTERPRET=1) is how kernels run on CPU tensors.
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got q on {q.device}")
+    return None
+
+
+def _uses_triton(backend, q) -> bool:
+    """Resolve the backend before anything is written to the cache: an explicit
+    'triton' the kernel cannot serve raises; the default falls back to torch."""
+    if backend == "torch":
+        return False
+    reason = _triton_unsupported(q)
+    if backend == "triton":
+        if reason is not None:
+            raise reason
+        return True
+    return q.is_cuda and reason is None and importlib.util.find_spec("triton") is not None
 
 
 def _reading_values_is_allowed(q) -> bool:
@@ -160,17 +194,25 @@ def parallax_attn_with_kvcache(
         scale: multiplies q.k only; None means D ** -0.5.
         window_size: attend to the W most recent positions only (self included).
         block_table: int32 [B, max_blocks] for a paged cache.
-        backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
+        backend: None (the split-KV Triton kernel for CUDA tensors it supports:
+            float16/bfloat16/float32, head_dim a power of two in [16, 256];
+            torch otherwise), "torch" or "triton".
 
     Returns [B, Tq, HQ, D] in q's dtype. cache_seqlens is not advanced: the
     caller owns it (add Tq after the call).
     """
     _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend)
+    use_triton = _uses_triton(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "triton" or (backend is None and q.is_cuda):
-        raise NotImplementedError("backend='triton' decode is not available yet; use backend='torch'")
-    seqlens = cache_seqlens
+    if use_triton:
+        from .triton_decode import triton_decode  # lazy: the torch path works without triton
+
+        # The kernel appends k, v itself, in the same launch.
+        return triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, k=k, v=v, scale=scale,
+                             window_size=window_size)
+    new_tokens = 0
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
-        seqlens = cache_seqlens + q.shape[1]
-    return kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size)
+        new_tokens = q.shape[1]
+    return kvcache_attention_torch(q, r, k_cache, v_cache, cache_seqlens + new_tokens, block_table, scale,
+                                   window_size)

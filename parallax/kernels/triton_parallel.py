@@ -1,0 +1,165 @@
+"""Pieces shared by the Parallax training kernels (forward and backward).
+
+Every program works on one tile of rows of one (sequence, head) and loops over
+tiles of the other side (keys for the forward and dQ, queries for dK/dV). The
+helpers here say which sequence a tile belongs to, which tiles of the other side
+its mask can reach, and which of those need a per-element mask, so that tiles
+wholly outside the causal / window band are never loaded. The mask convention is
+`reference.visible_keys`: query i sees key j when j <= i + S - T (causal) and
+j > i + S - T - W (window W).
+
+This module imports triton at load time; import it lazily.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter runs tiles as numpy arrays: one small configuration keeps CPU
+# tests fast and deterministic.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Autotuning keys on what changes the best tiling, never on sequence lengths.
+AUTOTUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "GROUP"]
+
+
+def _configs(candidates):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples as triton.Config."""
+    if INTERPRETED:
+        candidates = [(16, 16, 4, 1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+
+
+def _fits_registers(configs, named_args, **kwargs):
+    """Wide heads (D > 128) keep both fp32 accumulators in registers only with
+    tiles of at most 64 x 64."""
+    if {**named_args, **kwargs}["HEAD_DIM"] <= 128:
+        return configs
+    narrow = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
+    return narrow or configs[-1:]
+
+
+# Hopper-minded candidates. The forward keeps a query tile (BLOCK_M rows, two
+# accumulators) resident and streams BLOCK_N keys; dK/dV keeps BLOCK_N keys and
+# streams BLOCK_M queries; dQ mirrors the forward.
+FORWARD_CONFIGS = _configs([
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
+    (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 8, 4), (64, 32, 4, 4), (32, 64, 4, 3),
+])
+BACKWARD_CONFIGS = _configs([
+    (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3),
+    (32, 128, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+])
+PRUNE = {"early_config_prune": _fits_registers}
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded to a power of two (masked), at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def search_steps(num_seqs: int) -> int:
+    """Binary-search steps that find a tile's sequence among `num_seqs`."""
+    return (num_seqs - 1).bit_length()
+
+
+def tiles_per_head(rows: int, num_seqs: int, block: int, is_varlen: bool) -> int:
+    """Programs per head along the tiled side (see `locate_tile`)."""
+    return triton.cdiv(rows, block) + (num_seqs if is_varlen else 0)
+
+
+@triton.jit
+def locate_tile(tile, cu_seqlens, num_seqs, steps, rows_per_batch, BLOCK: tl.constexpr,
+                IS_VARLEN: tl.constexpr):
+    """(first row of the tile's sequence within its batch, sequence length,
+    first row of the tile within the sequence).
+
+    Dense batches: one sequence per batch, tiles at multiples of BLOCK. Packed
+    (varlen) batches, without a host sync: give sequence s the padded start
+    cu[s] + s * BLOCK, which increases with s and leaves room for its partial
+    last tile; tile t belongs to the last s whose padded start is <= t * BLOCK
+    (a binary search over cu_seqlens). Tiles past a sequence's end get a first
+    row >= its length, and their programs exit.
+    """
+    if IS_VARLEN:
+        target = tile * BLOCK
+        lo = tile * 0
+        hi = lo + num_seqs
+        for _ in range(steps):
+            mid = (lo + hi) // 2
+            below = tl.load(cu_seqlens + mid) + mid * BLOCK <= target
+            lo = tl.where(below, mid, lo)
+            hi = tl.where(below, hi, mid)
+        start = tl.load(cu_seqlens + lo)
+        length = tl.load(cu_seqlens + lo + 1) - start
+        first_tile = tl.cdiv(start + lo * BLOCK, BLOCK)
+        return start, length, (tile - first_tile) * BLOCK
+    return tile * 0, tile * 0 + rows_per_batch, tile * BLOCK
+
+
+@triton.jit
+def tile_phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split the tiles covering [lo, hi) (starting at lo) into three runs.
+
+    Tiles inside [full_lo, full_hi) are visible to every row of the resident
+    tile and need no mask; the runs before and after them are masked. Returns
+    (masked tiles before, unmasked tiles, total tiles).
+    """
+    total = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
+    head = tl.minimum(tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK), total)
+    full = tl.maximum(full_hi - (lo + head * BLOCK), 0) // BLOCK
+    return head, tl.minimum(full, total - head), total
+
+
+@triton.jit
+def key_range(m0, rows, T, S, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Keys [lo, hi) reachable from query rows [m0, m0 + rows), and the range
+    [full_lo, full_hi) that all BLOCK_M rows of the tile see."""
+    shift = S - T
+    lo = m0 * 0
+    hi = lo + S
+    full_lo = lo
+    full_hi = hi
+    if IS_CAUSAL:
+        hi = tl.minimum(S, m0 + rows + shift)
+        full_hi = tl.minimum(S, m0 + shift + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(0, m0 + shift - window + 1)
+        full_lo = m0 + BLOCK_M + shift - window
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def query_range(n0, cols, T, S, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """Queries [lo, hi) that see some key of [n0, n0 + cols), and the range
+    [full_lo, full_hi) of queries that see all BLOCK_N keys of the tile."""
+    shift = S - T
+    lo = n0 * 0
+    hi = lo + T
+    full_lo = lo
+    full_hi = hi
+    if IS_CAUSAL:
+        lo = tl.maximum(0, n0 - shift)
+        full_lo = n0 + BLOCK_N - 1 - shift
+    if HAS_WINDOW:
+        hi = tl.minimum(T, n0 + cols - 1 - shift + window)
+        full_hi = tl.minimum(T, n0 - shift + window)
+    full_hi = tl.where(cols < BLOCK_N, full_lo, full_hi)  # a partial key tile is masked everywhere
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def visible(query_rows, key_cols, T, S, window, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """`reference.visible_keys` plus bounds checks, for broadcastable tensors of
+    query and key positions ([M, 1] x [1, N], or transposed for [N, M] tiles)."""
+    query_pos = query_rows + (S - T)
+    keep = (query_rows < T) & (key_cols < S)
+    if IS_CAUSAL:
+        keep &= key_cols <= query_pos
+    if HAS_WINDOW:
+        keep &= key_cols > query_pos - window
+    return keep

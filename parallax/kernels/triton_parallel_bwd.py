@@ -1,0 +1,296 @@
+"""Fused Parallax backward: closed-form gradients of ../shared/docs/parallax-math.md.
+
+Three launches, all deterministic (no atomics):
+1. per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the forward);
+2. one program per (key tile, batch * kv_head) keeps its K/V tile resident,
+   loops over the G query heads of its group and the query tiles that see it,
+   and accumulates dK, dV in registers: no G-times-larger buffer for GQA;
+3. one program per (query tile, batch * head) streams the key tiles it sees
+   and accumulates dQ, dR.
+Weights are recomputed from the saved lse: p = exp(scale * q.k - lse).
+
+This module imports triton at load time; import it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_parallel import (
+    AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, query_range,
+    tile_phases, tiles_per_head, visible,
+)
+from .triton_parallel_fwd import dot_precision, varlen_args
+
+ROW_BLOCK = 64  # rows per program of the D / E reduction
+
+
+@triton.jit
+def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """delta = <dO, o> and dmu = <dO, mu> per (token, head), stored as [B, HQ, T]."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    ptrs = offs[:, None] * HEAD_DIM + offs_d[None, :]
+    grad = tl.load(do + ptrs, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(o + ptrs, mask=mask, other=0.0).to(tl.float32)
+    soft = tl.load(mu + ptrs, mask=mask, other=0.0).to(tl.float32)
+    # offs enumerates (batch, token, head); the stats live at (batch, head, token).
+    head = offs % HQ
+    token = (offs // HQ) % T
+    batch = offs // (HQ * T)
+    stat = (batch * HQ + head) * T + token
+    tl.store(delta + stat, tl.sum(grad * out, 1), mask=offs < rows)
+    tl.store(dmu + stat, tl.sum(grad * soft, 1), mask=offs < rows)
+
+
+@triton.jit
+def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, lse_seq, sbar_seq, delta_seq, dmu_seq,
+                    q_stride, first, count, key_pos, T, S, window, scale, qk_scale_log2,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `count` query tiles from row `first` to dK, dV.
+
+    Works on transposed [keys, queries] score tiles so every product takes its
+    operands as loaded.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for step in range(count):
+        m0 = first + step * BLOCK_M
+        rows = m0 + offs_m
+        tile_ptrs = m0.to(tl.int64) * q_stride + offs_m[:, None] * q_stride + offs_d[None, :]
+        in_bounds = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+        q_tile = tl.load(q_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        r_tile = tl.load(r_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        do_tile = tl.load(do_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        row_ok = rows < T
+        lse_log2 = tl.load(lse_seq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
+        row_sbar = tl.load(sbar_seq + rows, mask=row_ok, other=0.0)
+        row_delta = tl.load(delta_seq + rows, mask=row_ok, other=0.0)
+        row_dmu = tl.load(dmu_seq + rows, mask=row_ok, other=0.0)
+
+        s1 = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)
+        s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
+        g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+        p = tl.exp2(s1 * qk_scale_log2 - lse_log2[None, :])
+        if MASKED:
+            p = tl.where(visible(rows[None, :], key_pos[:, None], T, S, window, IS_CAUSAL, HAS_WINDOW), p, 0.0)
+        lever = 1.0 + row_sbar[None, :] - s2  # w = p * lever
+        centred = g - row_dmu[None, :]
+        ds2 = -p * centred
+        ds1 = p * (centred * lever + (row_dmu - row_delta)[None, :])
+        dv = tl.dot((p * lever).to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot((ds1 * scale).to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds2.to(r_tile.dtype), r_tile, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _parallax_bwd_dkdv_kernel(
+    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, cu_seqlens,
+    scale, T, S, HQ, HK, window, num_seqs, steps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_tiles = tl.cdiv(S, BLOCK_N)
+    if IS_VARLEN:
+        num_tiles += num_seqs
+    pid = tl.program_id(0)
+    tile = pid % num_tiles  # causal: early key tiles see the most queries, start them first
+    batch_kv_head = pid // num_tiles
+    batch = batch_kv_head // HK
+    kv_head = batch_kv_head % HK
+    seq_start, seq_len, n0 = locate_tile(tile, cu_seqlens, num_seqs, steps, S, BLOCK_N, IS_VARLEN)
+    if n0 >= seq_len:
+        return
+    if IS_VARLEN:
+        query_len = seq_len
+    else:
+        query_len = T
+
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HK * HEAD_DIM
+    cols = tl.minimum(BLOCK_N, seq_len - n0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_rows = (batch.to(tl.int64) * S + seq_start + n0) * kv_stride + kv_head * HEAD_DIM
+    tile_ptrs = offs_n[:, None] * kv_stride + offs_d[None, :]
+    tile_mask = (offs_n[:, None] < cols) & (offs_d[None, :] < HEAD_DIM)
+    k_tile = tl.load(k + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
+    v_tile = tl.load(v + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
+    key_pos = n0 + offs_n
+    lo, hi, full_lo, full_hi = query_range(n0, cols, query_len, seq_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_N)
+    head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_M)
+    tail_tiles = total - head_tiles - full_tiles
+    for member in range(GROUP):
+        head = kv_head * GROUP + member
+        q_offset = (batch.to(tl.int64) * T + seq_start) * q_stride + head * HEAD_DIM
+        stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
+        dk_acc, dv_acc = _stream_queries(
+            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
+            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            q_stride, lo, head_tiles, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+        dk_acc, dv_acc = _stream_queries(
+            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
+            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            q_stride, lo + head_tiles * BLOCK_M, full_tiles, key_pos, query_len, seq_len, window, scale,
+            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
+        dk_acc, dv_acc = _stream_queries(
+            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
+            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            q_stride, lo + (head_tiles + full_tiles) * BLOCK_M, tail_tiles, key_pos, query_len, seq_len, window,
+            scale, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+    tl.store(dk + kv_rows + tile_ptrs, dk_acc.to(dk.dtype.element_ty), mask=tile_mask)
+    tl.store(dv + kv_rows + tile_ptrs, dv_acc.to(dv.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
+                      k_seq, v_seq, kv_stride, first, count, query_pos, T, S, window, qk_scale_log2,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `count` key tiles from key `first` to dQ / scale and dR."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for step in range(count):
+        n0 = first + step * BLOCK_N
+        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
+        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+        p = tl.exp2(s1 * qk_scale_log2 - lse_log2[:, None])
+        if MASKED:
+            p = tl.where(visible(query_pos[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW),
+                         p, 0.0)
+        centred = g - row_dmu[:, None]
+        ds2 = -p * centred
+        ds1 = p * (centred * (1.0 + row_sbar[:, None] - s2) + (row_dmu - row_delta)[:, None])
+        dq = tl.dot(ds1.to(k_tile.dtype), k_tile, dq, input_precision=DOT_PRECISION)
+        dr = tl.dot(ds2.to(k_tile.dtype), k_tile, dr, input_precision=DOT_PRECISION)
+    return dq, dr
+
+
+@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _parallax_bwd_dq_kernel(
+    q, r, k, v, do, lse, sbar, delta, dmu, dq, dr, cu_seqlens,
+    scale, T, S, HQ, HK, window, num_seqs, steps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_tiles = tl.cdiv(T, BLOCK_M)
+    if IS_VARLEN:
+        num_tiles += num_seqs
+    pid = tl.program_id(0)
+    tile = num_tiles - 1 - pid % num_tiles
+    batch_head = pid // num_tiles
+    batch = batch_head // HQ
+    head = batch_head % HQ
+    seq_start, seq_len, m0 = locate_tile(tile, cu_seqlens, num_seqs, steps, T, BLOCK_M, IS_VARLEN)
+    if m0 >= seq_len:
+        return
+    if IS_VARLEN:
+        key_len = seq_len
+        key_start = seq_start
+    else:
+        key_len = S
+        key_start = batch * S
+
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HK * HEAD_DIM
+    rows = tl.minimum(BLOCK_M, seq_len - m0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
+    row_ptrs = offs_m[:, None] * q_stride + offs_d[None, :]
+    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    q_tile = tl.load(q + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    r_tile = tl.load(r + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    do_tile = tl.load(do + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
+    row_ok = offs_m < rows
+    lse_log2 = tl.load(lse + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
+    row_sbar = tl.load(sbar + stat_rows, mask=row_ok, other=0.0)
+    row_delta = tl.load(delta + stat_rows, mask=row_ok, other=0.0)
+    row_dmu = tl.load(dmu + stat_rows, mask=row_ok, other=0.0)
+    kv_head = key_start.to(tl.int64) * kv_stride + (head // GROUP) * HEAD_DIM
+    k_seq = k + kv_head
+    v_seq = v + kv_head
+
+    dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dr_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale_log2 = scale * 1.4426950408889634
+    query_pos = m0 + offs_m
+    lo, hi, full_lo, full_hi = key_range(m0, rows, seq_len, key_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M)
+    head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
+    dq_acc, dr_acc = _stream_keys_grad(
+        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
+        k_seq, v_seq, kv_stride, lo, head_tiles, query_pos, seq_len, key_len, window, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+    dq_acc, dr_acc = _stream_keys_grad(
+        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
+        k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles, query_pos, seq_len, key_len, window,
+        qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
+    dq_acc, dr_acc = _stream_keys_grad(
+        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
+        k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N, total - head_tiles - full_tiles,
+        query_pos, seq_len, key_len, window, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+    tl.store(dq + q_rows + row_ptrs, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_mask)
+    tl.store(dr + q_rows + row_ptrs, dr_acc.to(dr.dtype.element_ty), mask=row_mask)
+
+
+def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens):
+    """Contiguous tensors from `parallax_fwd` plus dO -> (dq, dr, dk, dv).
+
+    Besides the four gradients it allocates two float32 [B, HQ, T] row
+    statistics, whatever the GQA group size.
+    """
+    B, T, HQ, D = q.shape
+    S, HK = k.shape[1], k.shape[2]
+    dq, dr = torch.empty_like(q), torch.empty_like(r)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    dmu = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    if D == 0 or B * HQ == 0:
+        return dq, dr, dk, dv
+    block_d = head_block(D)
+    rows = B * T * HQ
+    if rows:
+        _row_dots_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
+            grad_out, o, mu, delta, dmu, rows, T, HQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_ROWS=ROW_BLOCK)
+    cu, num_seqs, steps = varlen_args(cu_seqlens, q.device)
+    is_varlen = cu_seqlens is not None
+    common = dict(
+        HEAD_DIM=D, BLOCK_D=block_d, GROUP=HQ // HK, IS_CAUSAL=causal, HAS_WINDOW=window > 0,
+        IS_VARLEN=is_varlen, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    scalars = (scale, T, S, HQ, HK, max(window, 0), num_seqs, steps)
+    if S:
+        def key_grid(meta):
+            return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK,)
+
+        _parallax_bwd_dkdv_kernel[key_grid](
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, cu, *scalars, **common)
+    if T:
+        def query_grid(meta):
+            return (tiles_per_head(T, num_seqs, meta["BLOCK_M"], is_varlen) * B * HQ,)
+
+        _parallax_bwd_dq_kernel[query_grid](
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, **common)
+    return dq, dr, dk, dv

@@ -1,0 +1,181 @@
+"""Fused Parallax forward: one program per (query tile, batch * head).
+
+The program keeps its q and r tiles resident and streams the K/V tiles its
+mask can reach, with the online softmax of ../shared/docs/parallax-math.md:
+P1 = exp(s1 - m) and P2 = P1 * s2 share the running max, so d1, d2, O1, O2 are
+all rescaled by one factor. It writes o, mu = O1 / d1 (for the backward's E),
+lse (natural log) and sbar = d2 / d1. Scores run in log2 units so exp2 is used.
+
+This module imports triton at load time; import it lazily.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_parallel import (
+    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, search_steps,
+    tile_phases, tiles_per_head, visible,
+)
+
+
+@triton.jit
+def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, first, count,
+                 offs_m, T, S, window, qk_scale_log2,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Fold `count` key tiles starting at key `first` into the running state."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for step in range(count):
+        n0 = first + step * BLOCK_N
+        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
+        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
+        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale_log2
+        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        if MASKED:
+            keep = visible(offs_m[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW)
+            s1 = tl.where(keep, s1, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s1, 1))
+        # A row that has seen no key keeps m = -inf; subtract 0 instead so
+        # exp2 gives 0 rather than NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p1 = tl.exp2(s1 - m_ref[:, None])
+        p2 = p1 * s2
+        d1 = d1 * alpha + tl.sum(p1, 1)
+        d2 = d2 * alpha + tl.sum(p2, 1)
+        o1 = tl.dot(p1.to(v_tile.dtype), v_tile, o1 * alpha[:, None], input_precision=DOT_PRECISION)
+        o2 = tl.dot(p2.to(v_tile.dtype), v_tile, o2 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, d1, d2, o1, o2
+
+
+@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _parallax_fwd_kernel(
+    q, r, k, v, o, mu, lse, sbar, cu_seqlens,
+    scale, T, S, HQ, HK, window, num_seqs, steps,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_tiles = tl.cdiv(T, BLOCK_M)
+    if IS_VARLEN:
+        num_tiles += num_seqs
+    pid = tl.program_id(0)
+    # Heavy (late, causal) tiles first; all tiles of one head are adjacent so
+    # they share its K/V in L2.
+    tile = num_tiles - 1 - pid % num_tiles
+    batch_head = pid // num_tiles
+    batch = batch_head // HQ
+    head = batch_head % HQ
+    seq_start, seq_len, m0 = locate_tile(tile, cu_seqlens, num_seqs, steps, T, BLOCK_M, IS_VARLEN)
+    if m0 >= seq_len:
+        return
+    if IS_VARLEN:
+        key_len = seq_len
+        key_start = seq_start
+    else:
+        key_len = S
+        key_start = batch * S
+
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HK * HEAD_DIM
+    rows = tl.minimum(BLOCK_M, seq_len - m0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
+    row_ptrs = offs_m[:, None] * q_stride + offs_d[None, :]
+    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    q_tile = tl.load(q + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    r_tile = tl.load(r + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    kv_head = key_start.to(tl.int64) * kv_stride + (head // GROUP) * HEAD_DIM
+    k_seq = k + kv_head
+    v_seq = v + kv_head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    d1 = tl.zeros([BLOCK_M], tl.float32)
+    d2 = tl.zeros([BLOCK_M], tl.float32)
+    o1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    o2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
+    positions = m0 + offs_m
+    lo, hi, full_lo, full_hi = key_range(m0, rows, seq_len, key_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M)
+    head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
+    m_i, d1, d2, o1, o2 = _stream_keys(
+        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo, head_tiles,
+        positions, seq_len, key_len, window, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+    m_i, d1, d2, o1, o2 = _stream_keys(
+        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles,
+        positions, seq_len, key_len, window, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
+    m_i, d1, d2, o1, o2 = _stream_keys(
+        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N,
+        total - head_tiles - full_tiles,
+        positions, seq_len, key_len, window, qk_scale_log2,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+
+    # Rows that saw no key (d1 == 0) output 0.
+    seen = d1 > 0
+    safe_d1 = tl.where(seen, d1, 1.0)
+    inv_d1 = tl.where(seen, 1.0 / safe_d1, 0.0)
+    row_sbar = d2 * inv_d1
+    row_mu = o1 * inv_d1[:, None]
+    out = row_mu * (1.0 + row_sbar)[:, None] - o2 * inv_d1[:, None]
+    tl.store(o + q_rows + row_ptrs, out.to(o.dtype.element_ty), mask=row_mask)
+    tl.store(mu + q_rows + row_ptrs, row_mu.to(mu.dtype.element_ty), mask=row_mask)
+    stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
+    # lse = +inf on empty rows makes every backward weight exp(s - lse) = 0.
+    row_lse = tl.where(seen, (m_i + tl.log2(safe_d1)) * 0.6931471805599453, float("inf"))  # ln(2)
+    tl.store(lse + stat_rows, row_lse, mask=offs_m < rows)
+    tl.store(sbar + stat_rows, row_sbar, mask=offs_m < rows)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get exact products (Triton would otherwise use TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def varlen_args(cu_seqlens: torch.Tensor | None, device: torch.device):
+    """(cu_seqlens or a placeholder, number of sequences, search steps)."""
+    if cu_seqlens is None:
+        return torch.zeros(2, dtype=torch.int32, device=device), 1, 0
+    num_seqs = cu_seqlens.numel() - 1
+    return cu_seqlens, num_seqs, search_steps(num_seqs)
+
+
+def parallax_fwd(q, r, k, v, scale: float, causal: bool, window: int, cu_seqlens):
+    """Contiguous q, r [B, T, HQ, D], k, v [B, S, HK, D] -> (o, lse, sbar, mu).
+
+    lse and sbar are float32 [B, HQ, T]; mu = softmax attention output, q's dtype.
+    `window` is -1 for none.
+    """
+    B, T, HQ, D = q.shape
+    S, HK = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    mu = torch.empty_like(q)
+    lse = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    sbar = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse, sbar, mu
+    cu, num_seqs, steps = varlen_args(cu_seqlens, q.device)
+    is_varlen = cu_seqlens is not None
+
+    def grid(meta):
+        return (tiles_per_head(T, num_seqs, meta["BLOCK_M"], is_varlen) * B * HQ,)
+
+    _parallax_fwd_kernel[grid](
+        q, r, k, v, o, mu, lse, sbar, cu,
+        scale, T, S, HQ, HK, max(window, 0), num_seqs, steps,
+        HEAD_DIM=D, BLOCK_D=head_block(D), GROUP=HQ // HK,
+        IS_CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=is_varlen,
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return o, lse, sbar, mu
+

@@ -1,0 +1,47 @@
+"""Layer-aware Newton-Schulz step counts.
+
+"Spectral Scaling Laws of Muon" (Magakyan, Parrilo, Ozdaglar, arXiv:2606.04058)
+finds that the small singular-value quantiles of each layer's momentum settle at
+a layer- and size-dependent level, and that a fixed NS step count leaves layers
+whose quantiles are small un-orthogonalised. We measure that quantile instead of
+extrapolating the paper's power laws: NS first divides M by ||M||_F, so the
+quantile enters the iteration as x = sigma_q / ||M||_F (which shrinks like
+1/sqrt(min(m, n)) for a flat spectrum: the shape dependence), and we take the
+fewest steps whose scalar polynomials carry x up to `target`.
+"""
+
+import torch
+
+from .coefficients import NEWTON_SCHULZ_COEFFICIENTS, apply_polynomial, coefficient_schedule
+
+
+def steps_to_reach(x, target=0.6, coefficients=NEWTON_SCHULZ_COEFFICIENTS, min_steps=1, max_steps=10):
+    """Fewest steps in [min_steps, max_steps] after which the NS polynomials
+    lift the normalised singular value x to at least `target`."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target!r}")
+    if not isinstance(min_steps, int) or not isinstance(max_steps, int) or not 1 <= min_steps <= max_steps:
+        raise ValueError(f"need integers 1 <= min_steps <= max_steps, got {min_steps!r}, {max_steps!r}")
+    for steps, triple in enumerate(coefficient_schedule(coefficients, max_steps), start=1):
+        x = apply_polynomial(x, triple)
+        if steps >= min_steps and x >= target:
+            return steps
+    return max_steps
+
+
+def layer_aware_ns_steps(M, quantile=0.1, target=0.6, coefficients=NEWTON_SCHULZ_COEFFICIENTS,
+                         min_steps=1, max_steps=10):
+    """NS step count for matrix M from its measured spectrum (see module doc).
+
+    quantile: which singular value must be orthogonalised, as a quantile of the
+    nonzero singular values (0.1 = the 10th percentile from the bottom).
+    """
+    if not 0 <= quantile <= 1:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
+    S = torch.linalg.svdvals(M.detach().reshape(M.shape[0], -1).float())
+    frobenius = S.norm()
+    nonzero = S[S > S.max() * max(M.shape) * torch.finfo(S.dtype).eps] if frobenius > 0 else S[:0]
+    if nonzero.numel() == 0:
+        return min_steps
+    x = torch.quantile(nonzero, quantile).item() / frobenius.item()
+    return steps_to_reach(x, target, coefficients, min_steps, max_steps)

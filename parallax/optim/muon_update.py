@@ -1,0 +1,49 @@
+"""Pure per-matrix pieces of a Muon step, in the order the optimizer runs them:
+momentum -> spectral direction -> (NorMuon row normalisation) -> apply."""
+
+import math
+
+from .spectral import spectral_direction
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+def as_matrix(tensor):
+    """View a >2-D parameter (e.g. a conv kernel [out, in, kh, kw]) as [out, in*kh*kw]."""
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def adjust_lr(lr, adjust_lr_fn, shape):
+    """Learning rate for a matrix of `shape` ([rows, ...] flattened to 2-D).
+
+    None / "original": lr * sqrt(max(1, rows / cols)) (Keller Jordan's Muon).
+    "match_rms_adamw": lr * 0.2 * sqrt(max(rows, cols)), which gives U V^T an
+    element RMS of 0.2 * lr, like AdamW (Moonshot, arXiv:2502.16982).
+    """
+    rows = shape[0]
+    cols = math.prod(shape[1:])
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")
+
+
+def momentum_step(grad, momentum_buffer, momentum=0.95, nesterov=True):
+    """buf <- momentum * buf + (1 - momentum) * grad (in place); returns the
+    matrix to orthogonalize: grad + momentum * (buf - grad) with nesterov, else buf."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+
+
+def muon_update(grad, momentum_buffer, *, momentum=0.95, nesterov=True, rule="orthogonalize", **direction_options):
+    """Momentum then spectral direction for one matrix (or a batch of them).
+    `direction_options` are those of `spectral_direction` (orthogonalizer,
+    ns_steps, coefficients, eps, clip_threshold, power, schatten_q, kaon_iterations)."""
+    return spectral_direction(momentum_step(grad, momentum_buffer, momentum, nesterov), rule, **direction_options)
+
+
+def apply_update(param, direction, *, lr, weight_decay, adjust_lr_fn):
+    """Decoupled weight decay, then the step scaled by `adjust_lr`, as torch.optim.Muon."""
+    param.mul_(1 - lr * weight_decay)
+    param.add_(direction.reshape(param.shape), alpha=-adjust_lr(lr, adjust_lr_fn, param.shape))

@@ -1,0 +1,157 @@
+"""Orthogonalization of matrices: the map G = U S V^T  ->  U V^T (or a close
+approximation of it) that Muon applies to every momentum matrix."""
+
+import torch
+
+from .coefficients import (
+    NEWTON_SCHULZ_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    POLAR_EXPRESS_SAFETY,
+    coefficient_schedule,
+)
+
+ORTHOGONALIZERS = ("svd", "newton_schulz", "polar_express", "gram_newton_schulz")
+
+
+def orthogonalize(
+    G,
+    method="newton_schulz",
+    steps=5,
+    *,
+    coefficients=None,
+    eps=1e-7,
+    compute_dtype=torch.bfloat16,
+    gram_restarts=None,
+):
+    """Approximate the polar factor U V^T of G (shape [..., m, n]).
+
+    method: "svd" (exact), "newton_schulz" (quintic iteration of torch.optim.Muon),
+        "polar_express" (per-step optimal coefficients, arXiv:2505.16932) or
+        "gram_newton_schulz" (the same iteration run on X X^T, Dao AI Lab 2026).
+    steps: iterations of the polynomial methods (ignored by "svd").
+    coefficients: one (a, b, c) tuple or one per step; defaults to the method's own.
+    eps: floor of the Frobenius norm used to scale G, so a zero matrix maps to zeros.
+    compute_dtype: dtype of the iterations (bf16 as torch.optim.Muon; None keeps G's).
+    gram_restarts: iterations after which Gram Newton-Schulz rebuilds X X^T from X
+        (default: after iteration 2, then every 3rd).
+    Returns a tensor of G's shape and dtype.
+    """
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.ndim < 2:
+        raise ValueError(f"G must have shape [..., m, n] with at least 2 dims, got {tuple(G.shape)}")
+    if method not in ORTHOGONALIZERS:
+        raise ValueError(f"method must be one of {ORTHOGONALIZERS}, got {method!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+
+    # Iterate on the wide orientation so X X^T is the smaller Gram matrix.
+    transposed = G.size(-2) > G.size(-1)
+    X = G.mT if transposed else G
+    batch_shape = X.shape[:-2]
+    if X.ndim > 3:
+        X = X.reshape(-1, *X.shape[-2:])
+
+    if method == "svd":
+        O = _svd_polar(X)
+    else:
+        dtype = compute_dtype or G.dtype
+        default = POLAR_EXPRESS_COEFFICIENTS if method == "polar_express" else NEWTON_SCHULZ_COEFFICIENTS
+        schedule = coefficient_schedule(coefficients or default, steps)
+        norm_scale = POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
+        X = _normalize(X.to(dtype), eps, norm_scale)
+        restarts = frozenset(range(2, steps, 3) if gram_restarts is None else gram_restarts)
+        if method == "gram_newton_schulz" and _gram_is_cheaper(X.size(-2), X.size(-1), steps, restarts):
+            O = _gram_newton_schulz(X, schedule, restarts)
+        else:
+            O = _newton_schulz(X, schedule)
+
+    O = O.reshape(*batch_shape, *O.shape[-2:])
+    return (O.mT if transposed else O).to(G.dtype)
+
+
+def _frobenius_norm(X):
+    # The plain 2-D reduction is the one torch.optim.Muon uses; keep it for bit-exactness.
+    return X.norm() if X.ndim == 2 else X.norm(dim=(-2, -1), keepdim=True)
+
+
+def _normalize(X, eps, scale):
+    """Scale X so its spectral norm is at most 1 (Frobenius norm bounds it)."""
+    norm = _frobenius_norm(X)
+    if scale != 1.0:
+        norm = norm * scale
+    return X.div(norm.clamp(min=eps))
+
+
+def _fused_matmul(bias, left, right, *, beta, alpha=1.0):
+    """beta * bias + alpha * left @ right in one kernel, 2-D or batched."""
+    if left.ndim == 2:
+        return torch.addmm(bias, left, right, beta=beta, alpha=alpha)
+    return torch.baddbmm(bias, left, right, beta=beta, alpha=alpha)
+
+
+def _newton_schulz(X, schedule):
+    """X <- a X + b (X X^T) X + c (X X^T)^2 X, in the exact operation order of torch.optim.Muon."""
+    for a, b, c in schedule:
+        gram = X @ X.mT
+        gram_update = _fused_matmul(gram, gram, gram, beta=b, alpha=c)
+        X = _fused_matmul(X, gram_update, X, beta=a)
+    return X
+
+
+def _gram_newton_schulz(X, schedule, restarts):
+    """Newton-Schulz on R = X X^T (m x m) instead of X (m x n).
+
+    Each step is X <- W X with W = a I + b R + c R^2, a polynomial in R, so the
+    product Q of all W is accumulated on the small matrix and applied to X once;
+    R follows as W R W. In half precision R drifts from Q X (Q X)^T, so at the
+    `restarts` iterations X is rebuilt as Q X and R recomputed from it.
+    """
+    R = X @ X.mT
+    Q = None
+    last = len(schedule)
+    for t, (a, b, c) in enumerate(schedule, start=1):
+        W = _fused_matmul(R, R, R, beta=b, alpha=c)
+        W.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = W if Q is None else Q @ W
+        if t == last:
+            break
+        if t in restarts:
+            X = Q @ X
+            R = X @ X.mT
+            Q = None
+        else:
+            R = W @ (R @ W)
+    return X if Q is None else Q @ X
+
+
+def _gram_is_cheaper(rows, cols, steps, restarts):
+    """Compare matmul flops of the two equal iterations (rows <= cols).
+
+    Newton-Schulz: per step X X^T and (.) X cost rows^2 cols each, the square
+    product rows^3. Gram: X X^T and the final Q X, plus two rows^2 cols products
+    per restart; per step one rows^3 for R^2, one for Q W (none right after a
+    (re)start) and two for W R W (none before a restart or at the end). For
+    near-square matrices the extra rows^3 products outweigh the savings.
+    """
+    plain = steps * (2 * rows * rows * cols + rows**3)
+    gram = (2 + 2 * len([t for t in restarts if t < steps])) * rows * rows * cols
+    fresh = True
+    for t in range(1, steps + 1):
+        gram += rows**3 * (1 + (not fresh))
+        fresh = t in restarts
+        if t < steps and not fresh:
+            gram += 2 * rows**3
+    return gram < plain
+
+
+def _svd_polar(X):
+    """Exact U V^T; singular values at rounding level count as zero, so rank-
+    deficient inputs (and the zero matrix) keep their null space at zero."""
+    work_dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    U, S, Vh = torch.linalg.svd(X.to(work_dtype), full_matrices=False)
+    tolerance = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(work_dtype).eps
+    keep = (S > tolerance).to(work_dtype)
+    return (U * keep.unsqueeze(-2)) @ Vh

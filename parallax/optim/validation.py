@@ -1,0 +1,85 @@
+"""Checks of optimizer hyper-parameters; each error names the argument."""
+
+import numbers
+
+from .coefficients import coefficient_schedule
+from .muon_update import ADJUST_LR_FNS
+from .orthogonalize import ORTHOGONALIZERS
+from .spectral import UPDATE_RULES
+
+
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _at_least(name, value, low):
+    _number(name, value)
+    if not value >= low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _positive(name, value):
+    _number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _unit_interval(name, value):
+    _number(name, value)
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _count(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+def _choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def validate_group(group):
+    """Raise ValueError/TypeError for the first bad hyper-parameter of a group."""
+    if not isinstance(group.get("use_muon"), bool):
+        raise ValueError(
+            "every param group must carry use_muon: bool (True: Muon matrices, False: AdamW), "
+            f"got {group.get('use_muon')!r}"
+        )
+    _at_least("lr", group["lr"], 0.0)
+    _at_least("weight_decay", group["weight_decay"], 0.0)
+    if group["use_muon"]:
+        _unit_interval("momentum", group["momentum"])
+        _count("ns_steps", group["ns_steps"])
+        _choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
+        _choice("update_rule", group["update_rule"], UPDATE_RULES)
+        _choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+        _positive("eps", group["eps"])
+        try:
+            coefficient_schedule(group["ns_coefficients"], group["ns_steps"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"ns_coefficients: {error}") from None
+        _positive("clip_threshold", group["clip_threshold"])
+        _positive("schatten_q", group["schatten_q"])
+        _count("kaon_iterations", group["kaon_iterations"])
+        _unit_interval("normuon_beta2", group["normuon_beta2"])
+        _positive("normuon_eps", group["normuon_eps"])
+        _count("max_ns_steps", group["max_ns_steps"])
+        _count("spectrum_every", group["spectrum_every"])
+        _number("dynmuon_power_start", group["dynmuon_power_start"])
+        _number("dynmuon_power_end", group["dynmuon_power_end"])
+        if group["update_rule"] == "dynmuon":
+            if group["total_steps"] is None:
+                raise ValueError("total_steps is required by update_rule='dynmuon' (its power schedule spans training)")
+            _count("total_steps", group["total_steps"])
+    else:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"adamw_betas must be a pair (beta1, beta2), got {betas!r}")
+        _unit_interval("adamw_betas[0]", betas[0])
+        _unit_interval("adamw_betas[1]", betas[1])
+        _positive("adamw_eps", group["adamw_eps"])

@@ -1,0 +1,301 @@
+"""`parallax_attn_with_kvcache`: the split-KV Triton kernel and the torch path
+against a float64 recomputation, paged == contiguous, in-place append, decode ==
+the last rows of `parallax_attn`, and bad input that must leave the cache alone.
+
+On CPU the kernel runs in the Triton interpreter, in float32 and float16 (its
+bfloat16 `tl.dot` is wrong); bfloat16, long caches and CUDA graphs are `gpu`.
+"""
+import pytest
+import torch
+
+from parallax import ParallaxAttention, parallax_attn, parallax_attn_with_kvcache, parallax_reference
+from parallax.kernels.triton_decode import triton_decode
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CPU_DTYPES = (torch.float32, torch.float16)
+
+
+def make_inputs(B, S, HQ, HK, D, Tq, dtype, device=DEVICE, seed=0):
+    """Random q, r, caches. r is scaled by D**-0.5 so s2 = r.k is O(1), as a
+    trained probe's would be."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
+
+    q, r = rand(B, Tq, HQ, D), rand(B, Tq, HQ, D, std=D**-0.5)
+    return q, r, rand(B, S, HK, D), rand(B, S, HK, D)
+
+
+def float64_oracle(q, r, k_cache, v_cache, lengths, window_size=None, scale=None):
+    """Each sequence's first `lengths[b]` cached keys through `parallax_reference` in float64."""
+    rows = [
+        parallax_reference(q[b : b + 1].double(), r[b : b + 1].double(), k_cache[b : b + 1, :L].double(),
+                           v_cache[b : b + 1, :L].double(), scale=scale, window_size=window_size)
+        for b, L in enumerate(lengths)
+    ]
+    return torch.cat(rows)
+
+
+def assert_matches_oracle(out, baseline, ref):
+    """FlashAttention's rule: the kernel's error is at most twice that of the
+    torch path in the same dtype, plus a floor of two ulps at the output's scale."""
+    assert out.dtype == baseline.dtype and torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    base_err = (baseline.double() - ref).abs().max().item()
+    floor = 2 * torch.finfo(out.dtype).eps * max(1.0, ref.abs().max().item())
+    assert err <= 2 * base_err + floor, f"kernel error {err:.3e} vs torch {base_err:.3e} (floor {floor:.1e})"
+
+
+def to_paged(cache, block_size, gen):
+    """A paged copy of a contiguous cache: blocks shuffled, plus unused ones."""
+    B, S = cache.shape[:2]
+    per_seq = S // block_size
+    num_blocks = B * per_seq + 3
+    order = torch.randperm(num_blocks, generator=gen)[: B * per_seq].to(cache.device)
+    paged = torch.zeros(num_blocks, block_size, *cache.shape[2:], dtype=cache.dtype, device=cache.device)
+    paged[order] = cache.reshape(B * per_seq, block_size, *cache.shape[2:])
+    return paged, order.view(B, per_seq).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("HQ,HK", [(8, 1), (4, 2), (2, 2)])
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("window_size", [None, 7])
+def test_kernel_matches_float64(dtype, HQ, HK, Tq, window_size):
+    S, D = 96, 64
+    lengths = [0, 1, 90]  # empty, shorter than Tq (rows without keys), long
+    q, r, k_cache, v_cache = make_inputs(len(lengths), S, HQ, HK, D, Tq, dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    kwargs = dict(cache_seqlens=seqlens, window_size=window_size)
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, backend="triton", **kwargs)
+    baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, backend="torch", **kwargs)
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths, window_size))
+    assert (out[0] == 0).all() and (out[1, : Tq - 1] == 0).all()  # no visible key: exactly 0
+
+
+@pytest.mark.parametrize("num_splits,window_size", [(2, None), (3, 20), (20, None)])
+def test_splits_merge_to_the_same_result(num_splits, window_size):
+    """Partials of several splits (some past the sequence, some before the
+    window) merge by their log-sum-exp; 20 splits take two merge blocks."""
+    S, D, Tq = 160, 32, 3
+    lengths = [2, 77, 157]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), S, 2, 1, D, Tq, torch.float32)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = triton_decode(q, r, k_cache, v_cache, seqlens, None, scale=0.3, window_size=window_size,
+                        num_splits=num_splits)
+    baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, scale=0.3,
+                                          window_size=window_size, backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths, window_size, scale=0.3))
+
+
+@pytest.mark.parametrize("D,HQ,HK,Tq", [(16, 2, 1, 1), (32, 4, 4, 3), (128, 4, 1, 1), (256, 8, 1, 3)])
+def test_head_dims(D, HQ, HK, Tq):
+    """Every supported head_dim; D=256 with 8 heads x 3 queries needs two row blocks."""
+    lengths = [5, 40]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), 48, HQ, HK, D, Tq, torch.float16)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, backend="triton")
+    baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_paged_equals_contiguous(backend, Tq):
+    """Same tokens, same result: a shuffled block table, appends that cross
+    block boundaries, and several splits."""
+    gen = torch.Generator().manual_seed(1)
+    S, D, block_size = 96, 64, 16
+    q, r, k_cache, v_cache = make_inputs(3, S, 4, 2, D, Tq, torch.float16)
+    _, _, k_new, v_new = make_inputs(3, Tq, 4, 2, D, Tq, torch.float16, seed=1)
+    seqlens = torch.tensor([0, 15, S - Tq], dtype=torch.int32, device=DEVICE)
+    k_paged, table = to_paged(k_cache, block_size, gen)
+    v_paged = torch.zeros_like(k_paged)
+    v_paged[table.flatten().long()] = v_cache.reshape(-1, block_size, *v_cache.shape[2:])
+
+    common = dict(k=k_new, v=v_new, cache_seqlens=seqlens, window_size=40, backend=backend)
+    contiguous = parallax_attn_with_kvcache(q, r, k_cache, v_cache, **common)
+    paged = parallax_attn_with_kvcache(q, r, k_paged, v_paged, block_table=table, **common)
+    torch.testing.assert_close(paged, contiguous, rtol=0, atol=0)
+    torch.testing.assert_close(k_paged[table.long()].flatten(1, 2), k_cache, rtol=0, atol=0)
+    torch.testing.assert_close(v_paged[table.long()].flatten(1, 2), v_cache, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,window_size,num_splits", [
+    (torch.float32, None, None), (torch.float16, 1, 3), (torch.float32, 2, 2)])
+def test_append_writes_in_place_then_attends(dtype, window_size, num_splits):
+    """The kernel writes the new tokens while it attends: each lands in the
+    cache (also when the window hides it from all but its own query, or it
+    straddles two splits) and nothing else changes."""
+    B, S, HQ, HK, D, Tq = 3, 160, 4, 2, 32, 3
+    q, r, k_cache, v_cache = make_inputs(B, S, HQ, HK, D, Tq, dtype)
+    _, _, k_new, v_new = make_inputs(B, Tq, HQ, HK, D, Tq, dtype, seed=1)
+    lengths = [0, 63, S - Tq]  # the second sequence's tokens go to 63, 64, 65
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+
+    if num_splits is None:
+        out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                         window_size=window_size, backend="triton")
+    else:
+        out = triton_decode(q, r, k_cache, v_cache, seqlens, None, k=k_new, v=v_new, scale=D**-0.5,
+                            window_size=window_size, num_splits=num_splits)
+
+    assert seqlens.tolist() == lengths  # the caller advances it
+    k_expected, v_expected = k_before.clone(), v_before.clone()
+    for b, L in enumerate(lengths):
+        k_expected[b, L : L + Tq] = k_new[b]
+        v_expected[b, L : L + Tq] = v_new[b]
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+    grown = [L + Tq for L in lengths]
+    baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens + Tq,
+                                          window_size=window_size, backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, grown, window_size))
+
+
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("window_size", [None, 6])
+def test_decode_equals_last_rows_of_parallax_attn(Tq, window_size):
+    """Cache the first T - Tq tokens, decode the last Tq with append: the rows
+    of `parallax_attn` on the whole sequence."""
+    B, T, HQ, HK, D = 2, 37, 4, 2, 64
+    q, r, k, v = make_inputs(B, T, HQ, HK, D, T, torch.float32)
+    full = parallax_attn(q, r, k, v, window_size=window_size, backend="torch")
+    k_cache = torch.zeros(B, 48, HK, D, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache[:, : T - Tq], v_cache[:, : T - Tq] = k[:, : T - Tq], v[:, : T - Tq]
+    seqlens = torch.full((B,), T - Tq, dtype=torch.int32, device=DEVICE)
+    out = parallax_attn_with_kvcache(q[:, -Tq:], r[:, -Tq:], k_cache, v_cache, k=k[:, -Tq:], v=v[:, -Tq:],
+                                     cache_seqlens=seqlens, window_size=window_size, backend="triton")
+    torch.testing.assert_close(out, full[:, -Tq:], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_decoding_chunk_by_chunk_equals_one_call():
+    """ParallaxAttention through its KVCache with the kernel: chunks of 1 and 3
+    tokens give the rows of the layer run on the whole sequence."""
+    torch.manual_seed(0)
+    layer = ParallaxAttention(64, 4, num_kv_heads=2, window_size=9).to(DEVICE)
+    torch.nn.init.normal_(layer.r_proj.weight, std=0.02)  # a non-zero probe
+    x = torch.randn(2, 11, 64, device=DEVICE)
+    full = layer(x, backend="torch")
+    cache = layer.new_cache(2, 16)
+    chunks = [layer(x[:, a:b], cache=cache, backend="triton") for a, b in [(0, 1), (1, 4), (4, 8), (8, 11)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.seqlens.tolist() == [11, 11]
+
+
+def bad_input_cases():
+    """(backend, name, change to a valid call, exception, message fragment)."""
+    def seqlens(values):
+        return lambda a: a.update(cache_seqlens=torch.tensor(values, dtype=torch.int32, device=DEVICE))
+
+    def table(fn):
+        return lambda a: a.update(block_table=fn(a["block_table"]))
+
+    def all_float64(a):
+        a.update({n: a[n].double() for n in ("q", "r", "k", "v", "k_cache", "v_cache")})
+
+    both = [
+        ("overflow", seqlens([0, 62]), ValueError, "cache overflow"),
+        ("negative length", seqlens([-1, 0]), ValueError, "cache_seqlens must be >= 0"),
+        ("int64 lengths", lambda a: a.update(cache_seqlens=a["cache_seqlens"].long()), ValueError, "cache_seqlens"),
+        ("lengths per batch", seqlens([1, 2, 3]), ValueError, "cache_seqlens"),
+        ("k without v", lambda a: a.update(v=None), ValueError, "k and v"),
+        ("k dtype", lambda a: a.update(k=a["k"].double()), TypeError, "k must have the dtype"),
+        ("v shape", lambda a: a.update(v=a["v"][:, :1]), ValueError, "v must have shape"),
+        ("r shape", lambda a: a.update(r=a["r"][..., :32]), ValueError, "r must have the shape"),
+        ("v_cache dtype", lambda a: a.update(v_cache=a["v_cache"].half()), TypeError, "v_cache must have the dtype"),
+        ("head groups", lambda a: a.update(q=a["q"][:, :, :3], r=a["r"][:, :, :3]), ValueError, "multiple of k_cache"),
+        ("block out of range", table(lambda t: t.masked_fill(t == t[1, 1], 99)), ValueError, "block_table entries"),
+        ("negative block", table(lambda t: t.masked_fill(t == t[0, 0], -1)), ValueError, "block_table entries"),
+        ("block_table dtype", table(lambda t: t.long()), ValueError, "block_table must be an int32"),
+        ("window", lambda a: a.update(window_size=0), ValueError, "window_size"),
+        ("backend name", lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    ]
+    cases = [(backend, *case) for backend in ("triton", "torch") for case in both]
+    return cases + [("triton", "float64", all_float64, TypeError, "backend='triton' needs q of dtype")]
+
+
+@pytest.mark.parametrize("backend,name,change,error,match", bad_input_cases(),
+                         ids=[f"{c[0]}-{c[1]}" for c in bad_input_cases()])
+def test_bad_input_raises_and_leaves_cache_untouched(backend, name, change, error, match):
+    """Every check runs before the append: a failed call writes nothing.
+    The valid call appends 3 tokens to sequences of 0 and 30 in a paged cache."""
+    gen = torch.Generator().manual_seed(2)
+    q, r, k_cache, v_cache = make_inputs(2, 64, 4, 2, 64, 3, torch.float32)
+    _, _, k_new, v_new = make_inputs(2, 3, 4, 2, 64, 3, torch.float32, seed=1)
+    k_paged, table = to_paged(k_cache, 16, gen)
+    v_paged, _ = to_paged(v_cache, 16, torch.Generator().manual_seed(2))
+    args = dict(q=q, r=r, k_cache=k_paged, v_cache=v_paged, k=k_new, v=v_new,
+                cache_seqlens=torch.tensor([0, 30], dtype=torch.int32, device=DEVICE), block_table=table,
+                backend=backend)
+    change(args)
+    caches = [k_paged, v_paged, args["k_cache"], args["v_cache"]]
+    snapshots = [c.clone() for c in caches]
+    with pytest.raises(error, match=match):
+        parallax_attn_with_kvcache(**args)
+    for cache, snapshot in zip(caches, snapshots):
+        assert torch.equal(cache, snapshot)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("HQ,HK", [(8, 1), (4, 2), (8, 8)])
+@pytest.mark.parametrize("Tq,window_size", [(1, None), (3, None), (3, 300)])
+def test_gpu_long_caches(dtype, D, HQ, HK, Tq, window_size):
+    lengths = [0, 1, 777, 2500]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), 2560, HQ, HK, D, Tq, dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, window_size=window_size)
+    baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, window_size=window_size,
+                                          backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths, window_size))
+
+
+@pytest.mark.gpu
+def test_gpu_paged_bf16_equals_contiguous():
+    gen = torch.Generator().manual_seed(3)
+    q, r, k_cache, v_cache = make_inputs(4, 4096, 32, 8, 128, 1, torch.bfloat16)
+    seqlens = torch.tensor([0, 100, 2049, 4095], dtype=torch.int32, device=DEVICE)
+    k_paged, table = to_paged(k_cache, 256, gen)
+    v_paged = torch.zeros_like(k_paged)
+    v_paged[table.flatten().long()] = v_cache.reshape(-1, 256, 8, 128)
+    contiguous = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens)
+    paged = parallax_attn_with_kvcache(q, r, k_paged, v_paged, cache_seqlens=seqlens, block_table=table)
+    torch.testing.assert_close(paged, contiguous, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_matches_eager():
+    """Capture one decode step (append + attend), replay it with new tokens and
+    advanced lengths, and compare with eager calls on a copy of the cache."""
+    B, S, HQ, HK, D = 4, 1024, 32, 8, 128
+    q, r, k_cache, v_cache = make_inputs(B, S, HQ, HK, D, 1, torch.bfloat16)
+    _, _, k_new, v_new = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16, seed=1)
+    seqlens = torch.tensor([0, 5, 300, 1000], dtype=torch.int32, device=DEVICE)
+    eager_k, eager_v = k_cache.clone(), v_cache.clone()
+
+    def step():
+        return parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    for i in range(5):
+        fresh = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16, seed=10 + i)
+        for static, new in zip((q, r, k_new, v_new), fresh):
+            static.copy_(new)
+        graph.replay()
+        expected = parallax_attn_with_kvcache(q, r, eager_k, eager_v, k=k_new, v=v_new, cache_seqlens=seqlens)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(k_cache, eager_k, rtol=0, atol=0)
+        seqlens += 1

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from parallax.optim import NEWTON_SCHULZ_COEFFICIENTS, layer_aware_ns_steps, orthogonalize, steps_to_reach
+from parallax.optim.coefficients import apply_polynomial
+
+
+def scalar_iterate(x, steps):
+    for _ in range(steps):
+        x = apply_polynomial(x, NEWTON_SCHULZ_COEFFICIENTS)
+    return x
+
+
+def test_steps_to_reach_is_the_fewest_steps_that_lift_x_to_target():
+    for x in (0.3, 0.05, 0.004):
+        steps = steps_to_reach(x, target=0.6)
+        assert scalar_iterate(x, steps) >= 0.6
+        assert steps == 1 or scalar_iterate(x, steps - 1) < 0.6
+
+
+def test_steps_are_clamped_to_bounds():
+    assert steps_to_reach(1e-12, max_steps=7) == 7
+    assert steps_to_reach(0.9, min_steps=3) == 3
+    with pytest.raises(ValueError, match="target"):
+        steps_to_reach(0.1, target=1.5)
+
+
+def test_layer_aware_steps_follow_measured_quantile(matrix_with_spectrum):
+    spectrum = [2.0] * 6 + [0.05] * 2
+    M, _, _ = matrix_with_spectrum(8, 20, spectrum)
+    S = torch.tensor(spectrum, dtype=torch.float64)
+    x = torch.quantile(S, 0.1).item() / S.norm().item()
+    assert layer_aware_ns_steps(M, quantile=0.1) == steps_to_reach(x)
+
+
+def test_ill_conditioned_and_larger_matrices_get_more_steps(matrix_with_spectrum):
+    flat_small, _, _ = matrix_with_spectrum(8, 16, [1.0] * 8)
+    flat_large, _, _ = matrix_with_spectrum(64, 128, [1.0] * 64)
+    skewed_small, _, _ = matrix_with_spectrum(8, 16, [1.0] * 7 + [1e-3])
+    assert layer_aware_ns_steps(flat_large) > layer_aware_ns_steps(flat_small)
+    assert layer_aware_ns_steps(skewed_small, quantile=0.0) > layer_aware_ns_steps(flat_small, quantile=0.0)
+
+
+def test_chosen_steps_orthogonalize_the_chosen_quantile(matrix_with_spectrum):
+    M, U, V = matrix_with_spectrum(16, 40, torch.logspace(0, -2, 16).tolist())
+    steps = layer_aware_ns_steps(M, quantile=0.25, target=0.6)
+    O = orthogonalize(M, "newton_schulz", steps, compute_dtype=torch.float64)
+    lifted = torch.diagonal(U.mT @ O @ V)
+    assert torch.quantile(lifted, 0.25) >= 0.6 - 1e-9
+
+
+def test_zero_matrix_needs_minimum_steps():
+    assert layer_aware_ns_steps(torch.zeros(4, 6), min_steps=2) == 2

@@ -1,0 +1,101 @@
+import pytest
+import torch
+from torch import nn
+
+from parallax.optim import Muon, MuonWithAdamW, adjust_lr, orthogonalize
+
+SHAPES = [(24, 8), (8, 24), (16, 16)]
+
+
+def run_both(shapes, steps=4, **kwargs):
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    optimizers = (Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs))
+    for _ in range(steps):
+        for a, b in zip(ours, theirs):
+            grad = torch.randn_like(a)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+def test_matches_torch_muon_bit_for_bit(nesterov, adjust_lr_fn):
+    ours, theirs = run_both(SHAPES, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0], run_both(SHAPES, steps=0)[0][0])  # the steps did move
+
+
+def test_matches_torch_muon_with_custom_hyperparameters():
+    ours, theirs = run_both(SHAPES, lr=0.05, weight_decay=0.0, momentum=0.8, ns_steps=3,
+                            ns_coefficients=(3.0, -3.2, 1.2), eps=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_conv_kernel_is_trained_as_flattened_matrix():
+    torch.manual_seed(0)
+    kernel = nn.Parameter(torch.randn(6, 3, 2, 2))
+    flat = nn.Parameter(kernel.detach().reshape(6, 12).clone())
+    ours, reference = Muon([kernel], lr=0.02), torch.optim.Muon([flat], lr=0.02)
+    for _ in range(3):
+        grad = torch.randn(6, 3, 2, 2)
+        kernel.grad, flat.grad = grad.clone(), grad.reshape(6, 12).clone()
+        ours.step()
+        reference.step()
+    assert torch.equal(kernel.reshape(6, 12), flat)
+
+
+def test_adjust_lr_rules():
+    assert adjust_lr(0.1, "original", (40, 10)) == pytest.approx(0.1 * 2.0)
+    assert adjust_lr(0.1, None, (10, 40)) == pytest.approx(0.1)
+    assert adjust_lr(0.1, "match_rms_adamw", (10, 40)) == pytest.approx(0.1 * 0.2 * 40**0.5)
+    assert adjust_lr(0.1, "original", (8, 2, 3, 3)) == pytest.approx(0.1)  # [8, 18]
+    # match_rms_adamw gives U V^T an element RMS of 0.2 * lr.
+    O = orthogonalize(torch.randn(30, 70, dtype=torch.float64), "svd")
+    rms = (adjust_lr(1.0, "match_rms_adamw", O.shape) * O).square().mean().sqrt()
+    assert rms.item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("shape", [(5,), ()])
+def test_low_dimensional_parameters_are_refused_with_routing_hint(shape):
+    with pytest.raises(ValueError, match="split_params"):
+        Muon([nn.Parameter(torch.randn(shape))])
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"lr": -1e-3}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"ns_steps": 0}, "ns_steps"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"orthogonalizer": "cholesky"}, "orthogonalizer"),
+        ({"adjust_lr_fn": "sqrt"}, "adjust_lr_fn"),
+        ({"update_rule": "adam"}, "update_rule"),
+        ({"update_rule": "dynmuon"}, "total_steps"),
+        ({"eps": 0.0}, "eps"),
+        ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Muon([nn.Parameter(torch.randn(4, 4))], **kwargs)
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="lr"):
+        Muon([nn.Parameter(torch.randn(4, 4))], lr="fast")
+    with pytest.raises(TypeError, match="ns_steps"):
+        Muon([nn.Parameter(torch.randn(4, 4))], ns_steps=2.5)
+
+
+def test_bad_group_added_later_is_rejected_and_not_kept():
+    optimizer = MuonWithAdamW([{"params": [nn.Parameter(torch.randn(4, 4))], "use_muon": True}])
+    with pytest.raises(ValueError, match="momentum"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))], "use_muon": True, "momentum": 2.0})
+    assert len(optimizer.param_groups) == 1
