@@ -100,6 +100,29 @@ def locate_tile(tile, cu_seqlens, num_seqs, steps, rows_per_batch, BLOCK: tl.con
 
 
 @triton.jit
+def query_tile(pid, cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where a query-tile program works: (batch, head, batch * HQ + head,
+    sequence start, sequence length, first row of the tile within the sequence,
+    first key row, number of keys). Heavy (late, causal) tiles are launched
+    first, and all tiles of one head are adjacent so they share its K/V in L2.
+    A tile whose first row is >= the sequence length has nothing to do."""
+    num_tiles = tl.cdiv(T, BLOCK_M)
+    if IS_VARLEN:
+        num_tiles += num_seqs
+    tile = num_tiles - 1 - pid % num_tiles
+    batch_head = pid // num_tiles
+    batch = batch_head // HQ
+    seq_start, seq_len, m0 = locate_tile(tile, cu_seqlens, num_seqs, steps, T, BLOCK_M, IS_VARLEN)
+    if IS_VARLEN:
+        key_start = seq_start
+        key_len = seq_len
+    else:
+        key_start = batch * S
+        key_len = S + seq_len * 0
+    return batch, batch_head % HQ, batch_head, seq_start, seq_len, m0, key_start, key_len
+
+
+@triton.jit
 def tile_phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Split the tiles covering [lo, hi) (starting at lo) into three runs.
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, search_steps,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, query_tile, search_steps,
     tile_phases, tiles_per_head, visible,
 )
 
@@ -64,25 +64,10 @@ def _parallax_fwd_kernel(
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    num_tiles = tl.cdiv(T, BLOCK_M)
-    if IS_VARLEN:
-        num_tiles += num_seqs
-    pid = tl.program_id(0)
-    # Heavy (late, causal) tiles first; all tiles of one head are adjacent so
-    # they share its K/V in L2.
-    tile = num_tiles - 1 - pid % num_tiles
-    batch_head = pid // num_tiles
-    batch = batch_head // HQ
-    head = batch_head % HQ
-    seq_start, seq_len, m0 = locate_tile(tile, cu_seqlens, num_seqs, steps, T, BLOCK_M, IS_VARLEN)
+    batch, head, batch_head, seq_start, seq_len, m0, key_start, key_len = query_tile(
+        tl.program_id(0), cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M, IS_VARLEN)
     if m0 >= seq_len:
         return
-    if IS_VARLEN:
-        key_len = seq_len
-        key_start = seq_start
-    else:
-        key_len = S
-        key_start = batch * S
 
     q_stride = HQ * HEAD_DIM
     kv_stride = HK * HEAD_DIM
