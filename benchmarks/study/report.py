@@ -1,0 +1,134 @@
+"""Tables and plots of the study from its raw logs.
+
+    python benchmarks/study/report.py --results benchmarks/study/results
+
+Prints markdown tables (paste into RESULTS.md) and writes lm_curves.png,
+correction.png and mqar.png next to the logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CELL_ORDER = ["softmax/adamw", "parallax/adamw", "softmax/muon", "parallax/muon", "softmax-matched/muon"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def best_runs(runs):
+    best = {}
+    for row in runs:
+        if row["seed"] == 0 and (row["cell"] not in best or row["val_bpb"] < best[row["cell"]]["val_bpb"]):
+            best[row["cell"]] = row
+    return best
+
+
+def lm_tables(runs) -> str:
+    best = best_runs(runs)
+    lines = ["| cell | params | lr sweep (val bpb, seed 0) | best lr | val bpb over seeds (mean ± half-range, n) | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for cell in CELL_ORDER:
+        if cell not in best:
+            continue
+        sweep = sorted((r["lr"], r["val_bpb"]) for r in runs if r["cell"] == cell and r["seed"] == 0)
+        seeds = [r["val_bpb"] for r in runs if r["cell"] == cell and r["lr"] == best[cell]["lr"]]
+        spread = (max(seeds) - min(seeds)) / 2
+        speed = statistics.median(r["tokens_per_s"] for r in runs if r["cell"] == cell)
+        lines.append(
+            f"| {cell} | {best[cell]['params']:,} | " + ", ".join(f"{lr:g}: {b:.4f}" for lr, b in sweep)
+            + f" | {best[cell]['lr']:g} | {statistics.mean(seeds):.4f} ± {spread:.4f} ({len(seeds)}) | {speed:,.0f} |"
+        )
+    unigram = next(iter(best.values()))["unigram_bpb"] if best else float("nan")
+    return "\n".join(lines) + f"\n\nUnigram baseline of the validation split: {unigram:.4f} bits per byte.\n"
+
+
+def plot_lm(runs, results: Path, lm_dir: Path):
+    best = best_runs(runs)
+    fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for cell in CELL_ORDER:
+        if cell not in best:
+            continue
+        log = read_jsonl(lm_dir / best[cell]["run"] / "log.jsonl")
+        val = [(r["step"], r["val_bpb"]) for r in log if r.get("kind") == "val"]
+        ax_loss.plot(*zip(*val), marker="o", label=f"{cell} (lr {best[cell]['lr']:g})")
+        if best[cell]["correction"] and best[cell]["correction"][0]["ratios"]:
+            steps = [c["step"] for c in best[cell]["correction"]]
+            layers = zip(*[c["ratios"] for c in best[cell]["correction"]])
+            for i, ratios in enumerate(layers):
+                ax_corr.plot(steps, ratios, label=f"{cell} layer {i}", linestyle="-" if "muon" in cell else "--")
+    ax_loss.set(xlabel="step", ylabel="validation bits per byte", title="Validation loss (best lr, seed 0)")
+    ax_corr.set(xlabel="step", ylabel="||Cov_p(s2, v)|| / ||mu||", title="Parallax correction size per layer")
+    for ax in (ax_loss, ax_corr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "lm_curves.png", dpi=120)
+
+
+def mqar_table(rows) -> str:
+    if not rows:
+        return ""
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["seq_len"], r["attention"], r["optimizer"])].append(r)
+    pair_counts = sorted({int(n) for r in rows for n in r["accuracy"]})
+    lines = ["| seq len | cell | " + " | ".join(f"{n} pairs" for n in pair_counts) + " |",
+             "|---|---|" + "---|" * len(pair_counts)]
+    for (seq_len, attention, optimizer), runs in sorted(by.items()):
+        cells = []
+        for n in pair_counts:
+            accs = [r["accuracy"][str(n)] if str(n) in r["accuracy"] else r["accuracy"].get(n) for r in runs]
+            accs = [a for a in accs if a is not None]
+            cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
+        lines.append(f"| {seq_len} | {attention}/{optimizer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_mqar(rows, results: Path):
+    if not rows:
+        return
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), squeeze=False)
+    for ax, seq_len in zip(axes[0], seq_lens):
+        for attention in ("softmax", "parallax"):
+            for optimizer in ("adamw", "muon"):
+                runs = [r for r in rows if r["seq_len"] == seq_len and r["attention"] == attention and r["optimizer"] == optimizer]
+                if not runs:
+                    continue
+                counts = sorted(int(n) for n in runs[0]["accuracy"])
+                acc = [statistics.mean(r["accuracy"][str(n)] for r in runs) for n in counts]
+                ax.plot(counts, acc, marker="o", label=f"{attention}/{optimizer}",
+                        linestyle="-" if optimizer == "muon" else "--")
+        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy", title=f"MQAR, sequence length {seq_len}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(results / "mqar.png", dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/study/results"))
+    args = parser.parse_args(argv)
+    runs = read_jsonl(args.results / "lm" / "runs.jsonl")
+    mqar = read_jsonl(args.results / "mqar.jsonl")
+    if runs:
+        print("## Language modelling\n\n" + lm_tables(runs))
+        plot_lm(runs, args.results, args.results / "lm")
+    if mqar:
+        print("## Associative recall (MQAR)\n\n" + mqar_table(mqar))
+        plot_mqar(mqar, args.results)
+
+
+if __name__ == "__main__":
+    main()

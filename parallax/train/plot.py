@@ -1,0 +1,52 @@
+"""Loss curves as a PNG (matplotlib, Agg backend; skipped if matplotlib is missing)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_log(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(log_path: str | Path, png_path: str | Path, *, title: str = "", baseline: float | None = None) -> Path | None:
+    """Train (light, and its running mean) and val loss vs step from a JSONL log.
+
+    `baseline`: the unigram cross-entropy in nats, drawn as a dashed line.
+    Returns the PNG path, or None when matplotlib is unavailable.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_log(log_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "val"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=0.8)
+        k = max(1, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        ax.plot(steps, smooth, color="tab:blue", lw=1.5, label="train")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", lw=1.5, ms=4, label="val")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", lw=1, label="unigram")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

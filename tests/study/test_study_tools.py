@@ -1,0 +1,32 @@
+"""The study's own instruments: the MQAR generator and the correction probe."""
+import torch
+
+from benchmarks.study.correction import correction_ratios
+from benchmarks.study.mqar import IGNORE, mqar_batch
+from parallax.models import GPT, GPTConfig
+
+
+def test_mqar_queries_ask_for_the_values_of_earlier_keys():
+    idx, targets = mqar_batch(16, 64, 8, 64, torch.Generator().manual_seed(0))
+    assert idx.shape == targets.shape == (16, 64)
+    for row, target in zip(idx, targets):
+        pairs = dict(zip(row[0:16:2].tolist(), row[1:16:2].tolist()))
+        assert len(pairs) == 8 and all(1 <= k < 32 <= v < 64 for k, v in pairs.items())
+        queries = (target != IGNORE).nonzero().flatten()
+        assert len(queries) == 8 and queries.min() >= 16
+        assert sorted(row[queries].tolist()) == sorted(pairs)
+        assert all(target[q].item() == pairs[row[q].item()] for q in queries)
+        assert (row[16:][target[16:] == IGNORE] == 0).all()  # filler elsewhere
+
+
+def test_correction_ratio_is_zero_at_init_and_grows_with_the_probe():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=16))
+    idx = torch.randint(0, 32, (2, 16))
+    # A zero probe is softmax attention, up to float32 rounding of two code paths.
+    assert max(correction_ratios(model, idx)) < 1e-6
+    torch.nn.init.normal_(model.blocks[1].attn.r_proj.weight, std=0.3)
+    ratios = correction_ratios(model, idx)
+    assert ratios[0] < 1e-6 and ratios[1] > 1e-3
+    softmax = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=16, attention="softmax"))
+    assert correction_ratios(softmax, idx) == []
