@@ -26,6 +26,15 @@ def nan_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread, restoring the count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

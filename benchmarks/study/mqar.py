@@ -89,12 +89,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/study/results"))
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--muon-lr", type=float, default=0.02)
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
+    parser.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=["adamw", "muon"])
     args = parser.parse_args(argv)
     model_kw = dict(n_layer=2, n_head=2, n_embd=64)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,8 @@ def main(argv=None):
         pair_counts = [n for n in (4, 8, 16, 32) if 4 * n <= seq_len]
         for seed in args.seeds:
             for attention in ("softmax", "parallax"):
-                for optimizer, lr in (("adamw", args.adamw_lr), ("muon", args.muon_lr)):
+                for optimizer in args.optimizers:
+                    lr = args.muon_lr if optimizer == "muon" else args.adamw_lr
                     row = run_cell(attention, optimizer, lr, seq_len, pair_counts, vocab=args.vocab,
                                    steps=args.steps, batch=args.batch, seed=seed, model_kw=model_kw)
                     print(json.dumps(row), flush=True)

@@ -80,36 +80,38 @@ def mqar_table(rows) -> str:
         return ""
     by = defaultdict(list)
     for r in rows:
-        by[(r["seq_len"], r["attention"], r["optimizer"])].append(r)
+        by[(r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
     pair_counts = sorted({int(n) for r in rows for n in r["accuracy"]})
-    lines = ["| seq len | cell | " + " | ".join(f"{n} pairs" for n in pair_counts) + " |",
-             "|---|---|" + "---|" * len(pair_counts)]
-    for (seq_len, attention, optimizer), runs in sorted(by.items()):
+    lines = ["| steps | seq len | cell | " + " | ".join(f"{n} pairs" for n in pair_counts) + " |",
+             "|---|---|---|" + "---|" * len(pair_counts)]
+    for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
         cells = []
         for n in pair_counts:
             accs = [r["accuracy"][str(n)] if str(n) in r["accuracy"] else r["accuracy"].get(n) for r in runs]
             accs = [a for a in accs if a is not None]
             cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
-        lines.append(f"| {seq_len} | {attention}/{optimizer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_mqar(rows, results: Path):
     if not rows:
         return
-    seq_lens = sorted({r["seq_len"] for r in rows})
-    fig, axes = plt.subplots(1, len(seq_lens), figsize=(5 * len(seq_lens), 4), squeeze=False)
-    for ax, seq_len in zip(axes[0], seq_lens):
+    settings = sorted({(r["steps"], r["seq_len"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    for ax, (steps, seq_len) in zip(axes[0], settings):
         for attention in ("softmax", "parallax"):
             for optimizer in ("adamw", "muon"):
-                runs = [r for r in rows if r["seq_len"] == seq_len and r["attention"] == attention and r["optimizer"] == optimizer]
+                runs = [r for r in rows if (r["steps"], r["seq_len"], r["attention"], r["optimizer"])
+                        == (steps, seq_len, attention, optimizer)]
                 if not runs:
                     continue
                 counts = sorted(int(n) for n in runs[0]["accuracy"])
                 acc = [statistics.mean(r["accuracy"][str(n)] for r in runs) for n in counts]
                 ax.plot(counts, acc, marker="o", label=f"{attention}/{optimizer}",
                         linestyle="-" if optimizer == "muon" else "--")
-        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy", title=f"MQAR, sequence length {seq_len}")
+        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy",
+               title=f"MQAR, sequence length {seq_len}, {steps} steps")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -125,3 +125,23 @@ def test_layer_on_cuda_matches_cpu(dtype):
     got = layer.to("cuda", dtype)(x.to("cuda", dtype))
     assert got.dtype == dtype
     assert (got.float().cpu() - expected).abs().max() < 5e-2
+
+
+def test_compiled_layer_with_triton_op_has_no_graph_breaks():
+    """torch.compile(fullgraph=True) traces the whole layer around the custom
+    op (the Triton interpreter runs it on CPU) and matches eager."""
+    torch.manual_seed(0)
+    layer = ParallaxAttention(DIM, HEADS, num_kv_heads=KV_HEADS, window_size=5)
+    torch.nn.init.normal_(layer.r_proj.weight, std=0.1)
+    x = torch.randn(1, 13, DIM)
+
+    def loss(x):
+        return layer(x, backend="triton").square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    eager_loss, compiled_loss = loss(x), compiled(x)
+    eager_grads = torch.autograd.grad(eager_loss, list(layer.parameters()))
+    compiled_grads = torch.autograd.grad(compiled_loss, list(layer.parameters()))
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    for c, e in zip(compiled_grads, eager_grads):
+        assert torch.allclose(c, e, rtol=1e-4, atol=1e-6)

@@ -11,12 +11,8 @@ from parallax.train import NonFiniteLossError, TrainConfig, load_checkpoint, tra
 from parallax.train.config import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny models run faster on one thread than on two busy ones.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
