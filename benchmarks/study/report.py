@@ -110,8 +110,11 @@ def plot_mqar(rows, results: Path):
                 acc = [statistics.mean(r["accuracy"][str(n)] for r in runs) for n in counts]
                 ax.plot(counts, acc, marker="o", label=f"{attention}/{optimizer}",
                         linestyle="-" if optimizer == "muon" else "--")
-        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy",
+        counts = sorted({int(n) for r in rows if (r["steps"], r["seq_len"]) == (steps, seq_len) for n in r["accuracy"]})
+        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy", ylim=(0, 1.05),
                title=f"MQAR, sequence length {seq_len}, {steps} steps")
+        ax.set_xticks(counts, [str(n) for n in counts])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
