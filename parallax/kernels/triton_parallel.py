@@ -123,6 +123,24 @@ def query_tile(pid, cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def query_tile_offsets(batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """For a query tile found by `query_tile`: (rows it holds, row indices,
+    int64 offsets of its [BLOCK_M, BLOCK_D] elements in [B, T, HQ, D] tensors,
+    their mask, offset of its KV head's first key in [B, S, HK, D] tensors)."""
+    q_stride = HQ * HEAD_DIM
+    rows = tl.minimum(BLOCK_M, seq_len - m0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    first = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
+    row_ptrs = first + offs_m[:, None] * q_stride + offs_d[None, :]
+    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    kv_base = key_start.to(tl.int64) * (HK * HEAD_DIM) + (head // GROUP) * HEAD_DIM
+    return rows, offs_m, row_ptrs, row_mask, kv_base
+
+
+@triton.jit
 def tile_phases(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Split the tiles covering [lo, hi) (starting at lo) into three runs.
 

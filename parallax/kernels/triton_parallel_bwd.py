@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .triton_parallel import (
     AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, query_range, query_tile,
-    tile_phases, tiles_per_head, visible,
+    query_tile_offsets, tile_phases, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
 
@@ -198,26 +198,20 @@ def _parallax_bwd_dq_kernel(
     if m0 >= seq_len:
         return
 
-    q_stride = HQ * HEAD_DIM
+    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
     kv_stride = HK * HEAD_DIM
-    rows = tl.minimum(BLOCK_M, seq_len - m0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_rows = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
-    row_ptrs = offs_m[:, None] * q_stride + offs_d[None, :]
-    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-    q_tile = tl.load(q + q_rows + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + q_rows + row_ptrs, mask=row_mask, other=0.0)
-    do_tile = tl.load(do + q_rows + row_ptrs, mask=row_mask, other=0.0)
+    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
+    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
+    do_tile = tl.load(do + row_ptrs, mask=row_mask, other=0.0)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     row_ok = offs_m < rows
     lse_log2 = tl.load(lse + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
     row_sbar = tl.load(sbar + stat_rows, mask=row_ok, other=0.0)
     row_delta = tl.load(delta + stat_rows, mask=row_ok, other=0.0)
     row_dmu = tl.load(dmu + stat_rows, mask=row_ok, other=0.0)
-    kv_head = key_start.to(tl.int64) * kv_stride + (head // GROUP) * HEAD_DIM
-    k_seq = k + kv_head
-    v_seq = v + kv_head
+    k_seq = k + kv_base
+    v_seq = v + kv_base
 
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dr_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -238,8 +232,8 @@ def _parallax_bwd_dq_kernel(
         k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N, total - head_tiles - full_tiles,
         query_pos, seq_len, key_len, window, qk_scale_log2,
         HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    tl.store(dq + q_rows + row_ptrs, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_mask)
-    tl.store(dr + q_rows + row_ptrs, dr_acc.to(dr.dtype.element_ty), mask=row_mask)
+    tl.store(dq + row_ptrs, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_mask)
+    tl.store(dr + row_ptrs, dr_acc.to(dr.dtype.element_ty), mask=row_mask)
 
 
 def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens):

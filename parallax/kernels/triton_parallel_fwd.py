@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, query_tile, search_steps,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, query_tile, query_tile_offsets, search_steps,
     tile_phases, tiles_per_head, visible,
 )
 
@@ -69,19 +69,13 @@ def _parallax_fwd_kernel(
     if m0 >= seq_len:
         return
 
-    q_stride = HQ * HEAD_DIM
+    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
     kv_stride = HK * HEAD_DIM
-    rows = tl.minimum(BLOCK_M, seq_len - m0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_rows = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
-    row_ptrs = offs_m[:, None] * q_stride + offs_d[None, :]
-    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
-    q_tile = tl.load(q + q_rows + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + q_rows + row_ptrs, mask=row_mask, other=0.0)
-    kv_head = key_start.to(tl.int64) * kv_stride + (head // GROUP) * HEAD_DIM
-    k_seq = k + kv_head
-    v_seq = v + kv_head
+    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
+    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
+    k_seq = k + kv_base
+    v_seq = v + kv_base
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     d1 = tl.zeros([BLOCK_M], tl.float32)
@@ -113,8 +107,8 @@ def _parallax_fwd_kernel(
     row_sbar = d2 * inv_d1
     row_mu = o1 * inv_d1[:, None]
     out = row_mu * (1.0 + row_sbar)[:, None] - o2 * inv_d1[:, None]
-    tl.store(o + q_rows + row_ptrs, out.to(o.dtype.element_ty), mask=row_mask)
-    tl.store(mu + q_rows + row_ptrs, row_mu.to(mu.dtype.element_ty), mask=row_mask)
+    tl.store(o + row_ptrs, out.to(o.dtype.element_ty), mask=row_mask)
+    tl.store(mu + row_ptrs, row_mu.to(mu.dtype.element_ty), mask=row_mask)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     # lse = +inf on empty rows makes every backward weight exp(s - lse) = 0.
     row_lse = tl.where(seen, (m_i + tl.log2(safe_d1)) * 0.6931471805599453, float("inf"))  # ln(2)

@@ -71,8 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "progress", "show the progress bar", d.progress)
     g = p.add_argument_group("system")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice, "
-                   "lowered to the cores the load average leaves idle)")
+    g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--dtype", default=d.dtype, help=f"{', '.join(DTYPES)} (auto: bf16 autocast on GPU, fp32 on CPU)")
     _bool_flag(g, "compile", "torch.compile the model", d.compile)
     g.add_argument("--seed", type=int, default=d.seed)

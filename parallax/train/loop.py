@@ -51,25 +51,6 @@ def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def auto_threads() -> int:
-    """torch's thread count, lowered to the cores the load average leaves idle.
-
-    Two OpenMP threads on two cores that other processes also use run the
-    small matrices of this model many times slower than one thread does, so
-    on a busy machine fewer threads is faster. Never more than torch's default.
-    """
-    n = torch.get_num_threads()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    try:
-        idle = cores - os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return n
-    return max(1, min(n, math.ceil(idle - 0.25)))
-
-
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     mc = preset(cfg.model, vocab_size=vocab_size, attention=cfg.attention, parameter_matched=cfg.parameter_matched)
     return GPT(mc)
@@ -163,7 +144,8 @@ def train(cfg: TrainConfig, *, loss_hook=None, eval_hook=None, stdout=None) -> d
     cfg.validate()
     out = stdout or sys.stdout
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads if cfg.threads is not None else auto_threads())
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         rank, world, device = _init_distributed(cfg)
         try:
