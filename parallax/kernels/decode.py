@@ -27,7 +27,10 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
     if r.shape != q.shape:
         raise ValueError(f"r must have the shape of q {tuple(q.shape)}, got {tuple(r.shape)}")
     check_same("q", q, "r", r)
-    cache_layout = "[num_blocks, block_size, kv_heads, head_dim]" if block_table is not None else "[batch, max_seqlen, kv_heads, head_dim]"
+    if block_table is not None:
+        cache_layout = "[num_blocks, block_size, kv_heads, head_dim]"
+    else:
+        cache_layout = "[batch, max_seqlen, kv_heads, head_dim]"
     check_tensor("k_cache", k_cache, 4, cache_layout)
     check_tensor("v_cache", v_cache, 4, cache_layout)
     if v_cache.shape != k_cache.shape:
@@ -48,12 +51,14 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
         for name, x in (("k", k), ("v", v)):
             check_tensor(name, x, 4, "[batch, seq, kv_heads, head_dim]")
             if x.shape != (B, Tq, HK, D):
-                raise ValueError(f"{name} must have shape {(B, Tq, HK, D)} (q's batch and seq, the cache's heads), got {tuple(x.shape)}")
+                raise ValueError(f"{name} must have shape {(B, Tq, HK, D)} (q's batch and seq, the cache's heads), "
+                                 f"got {tuple(x.shape)}")
             check_same("k_cache", k_cache, name, x)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape [{B}], got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape [{B}], "
+                         f"got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != k_cache.device:
         raise ValueError(f"cache_seqlens must be on the cache's device ({k_cache.device}), got {cache_seqlens.device}")
     if block_table is None:
@@ -64,7 +69,8 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
         if not isinstance(block_table, torch.Tensor):
             raise TypeError(f"block_table must be a torch.Tensor, got {type(block_table).__name__}")
         if block_table.dtype != torch.int32 or block_table.ndim != 2 or block_table.shape[0] != B:
-            raise ValueError(f"block_table must be an int32 tensor of shape [{B}, max_blocks], got {block_table.dtype} {tuple(block_table.shape)}")
+            raise ValueError(f"block_table must be an int32 tensor of shape [{B}, max_blocks], "
+                             f"got {block_table.dtype} {tuple(block_table.shape)}")
         if block_table.device != k_cache.device:
             raise ValueError(f"block_table must be on the cache's device ({k_cache.device}), got {block_table.device}")
         capacity = block_table.shape[1] * k_cache.shape[1]
@@ -82,9 +88,11 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 def _triton_unsupported(q) -> Exception | None:
     """Why the Triton kernel cannot take these inputs, or None if it can."""
     if q.dtype not in TRITON_DTYPES:
-        return TypeError(f"backend='triton' needs q of dtype float16, bfloat16 or float32, got {q.dtype}; use backend='torch'")
+        return TypeError(f"backend='triton' needs q of dtype float16, bfloat16 or float32, got {q.dtype}; "
+                         "use backend='torch'")
     if q.shape[-1] not in TRITON_HEAD_DIMS:
-        return ValueError(f"backend='triton' needs q's head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}; use backend='torch'")
+        return ValueError(f"backend='triton' needs q's head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}; "
+                          "use backend='torch'")
     # Triton's interpreter (TRITON_INTERPRET=1) is how kernels run on CPU tensors.
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got q on {q.device}")
