@@ -5,7 +5,7 @@ Usage (CUDA only, from the repo root):
 Times forward and forward+backward, bf16, causal, B * T = 16k tokens, H = 16,
 D = 64 and 128, T = 1k .. 16k, each also with a window of 1024 (the FA2 column
 stays full causal: SDPA has no window). TFLOP/s use the counts of
-../shared/docs/parallax-math.md: per (batch, head), causal, Parallax does
+docs/parallax-math.md: per (batch, head), causal, Parallax does
 4 L^2 D forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window W
 scales the visible pairs from L^2 / 2 to L W - W^2 / 2. Also measures the peak
 memory of the GQA backward against HQ == HK. Prints markdown and writes it to

@@ -4,7 +4,7 @@ Each chunk of query rows is scored against only the keys its mask can reach,
 so memory stays O(chunk * S) instead of O(T * S), and causal or windowed
 inputs skip the keys nobody in the chunk sees. The backward recomputes each
 chunk's weights and applies the closed-form gradient of
-../shared/docs/parallax-math.md, so it is exact and needs no saved [T, S] state.
+docs/parallax-math.md, so it is exact and needs no saved [T, S] state.
 
 GQA is handled by viewing the HQ query heads as [HK, G] so keys are never
 repeated. `r=None` computes plain softmax attention at softmax cost.

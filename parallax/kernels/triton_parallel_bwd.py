@@ -1,4 +1,4 @@
-"""Fused Parallax backward: closed-form gradients of ../shared/docs/parallax-math.md.
+"""Fused Parallax backward: closed-form gradients of docs/parallax-math.md.
 
 Three launches, all deterministic (no atomics):
 1. per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the forward);

@@ -1,7 +1,7 @@
 """Fused Parallax forward: one program per (query tile, batch * head).
 
 The program keeps its q and r tiles resident and streams the K/V tiles its
-mask can reach, with the online softmax of ../shared/docs/parallax-math.md:
+mask can reach, with the online softmax of docs/parallax-math.md:
 P1 = exp(s1 - m) and P2 = P1 * s2 share the running max, so d1, d2, O1, O2 are
 all rescaled by one factor. It writes o, mu = O1 / d1 (for the backward's E),
 lse (natural log) and sbar = d2 / d1. Scores run in log2 units so exp2 is used.
