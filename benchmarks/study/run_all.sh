@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole CPU study in one command (about 50 minutes on 2 cores). Each step
+# The whole CPU study in one command (about 70 minutes on 2 cores). Each step
 # skips or appends to the raw logs under benchmarks/study/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,10 +10,11 @@ out=benchmarks/study/results
 python -m benchmarks.study.lm_grid --out "$out/lm" --jobs 2
 
 # Table 2, MQAR: the 2x2 at sequence lengths 64 and 128 (600 steps, seed 0),
-# a second seed at 64, and a 4x longer run at 64.
+# a second seed at 64, and 2000-step runs at both lengths.
 mqar() { OMP_NUM_THREADS=1 python -m benchmarks.study.mqar --out "$out" "$@"; }
 mqar --seq-lens 64 & mqar --seq-lens 128; wait
 mqar --seq-lens 64 --seeds 1 --optimizers adamw & mqar --seq-lens 64 --seeds 1 --optimizers muon; wait
 mqar --seq-lens 64 --steps 2000 --optimizers adamw & mqar --seq-lens 64 --steps 2000 --optimizers muon; wait
+mqar --seq-lens 128 --steps 2000 --optimizers adamw & mqar --seq-lens 128 --steps 2000 --optimizers muon; wait
 
 python -m benchmarks.study.report --results "$out" > "$out/tables.md"
