@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from .reference import keys_visible
+
 # Elements of one [B, HK, G, rows, keys] score block; about 16 MB in float32.
 # The backward keeps roughly eight such blocks alive at once.
 SCORE_BLOCK_ELEMENTS = 1 << 22
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -31,19 +33,13 @@ def _chunks(T: int, S: int, rows: int, causal: bool, window_size: int | None):
         yield t0, t1, lo, hi
 
 
-def _weights(q, r, k, t0, lo, T, S, scale, causal, window_size):
-    """Softmax weights p, probe scores s2 and their mean sbar for one chunk.
+def parallax_weights(q, r, k, visible, scale):
+    """Softmax weights p, probe scores s2 and their mean sbar.
 
-    q, r: [B, Tc, HK, G, D]; k: [B, Sc, HK, D]. Returns tensors of shape
-    [B, HK, G, Tc, Sc] (sbar: [..., Tc, 1]); s2 and sbar are None when r is None.
+    q, r: [B, Tq, HK, G, D]; k: [B, Sk, HK, D]; visible: bool, broadcastable
+    to [B, HK, G, Tq, Sk]. Returns tensors of that shape (sbar: [..., Tq, 1]);
+    s2 and sbar are None when r is None. Rows that see no key get p = 0.
     """
-    i = torch.arange(t0, t0 + q.shape[1], device=q.device)[:, None] + (S - T)
-    j = torch.arange(lo, lo + k.shape[1], device=q.device)[None, :]
-    visible = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool, device=q.device)
-    if causal:
-        visible &= j <= i
-    if window_size is not None:
-        visible &= j > i - window_size
     has_key = visible.any(dim=-1, keepdim=True)
     s1 = torch.einsum("btkgd,bskd->bkgts", q, k) * scale
     s1 = s1.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
@@ -55,12 +51,19 @@ def _weights(q, r, k, t0, lo, T, S, scale, causal, window_size):
     return p, s2, sbar
 
 
+def _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, device):
+    """Mask [t1 - t0, hi - lo] of query rows [t0, t1) against keys [lo, hi)."""
+    query_pos = torch.arange(t0, t1, device=device)[:, None] + (S - T)
+    key_pos = torch.arange(lo, hi, device=device)[None, :]
+    return keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
+
+
 class _BlockwiseParallax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, r, k, v, scale, causal, window_size):
         B, T, HQ, D = q.shape
         S, HK = k.shape[1], k.shape[2]
-        dtype = _compute_dtype(q)
+        dtype = compute_dtype(q)
         qg, rg = (None if x is None else x.to(dtype).view(B, T, HK, HQ // HK, D) for x in (q, r))
         kf, vf = k.to(dtype), v.to(dtype)
         out = torch.zeros(B, T, HK, HQ // HK, D, dtype=dtype, device=q.device)
@@ -69,7 +72,8 @@ class _BlockwiseParallax(torch.autograd.Function):
             if hi <= lo:
                 continue  # no key visible: these rows stay 0
             rc = None if rg is None else rg[:, t0:t1]
-            p, s2, sbar = _weights(qg[:, t0:t1], rc, kf[:, lo:hi], t0, lo, T, S, scale, causal, window_size)
+            visible = _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, q.device)
+            p, s2, sbar = parallax_weights(qg[:, t0:t1], rc, kf[:, lo:hi], visible, scale)
             w = p if s2 is None else p * (1.0 + sbar - s2)
             out[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", w, vf[:, lo:hi])
         ctx.save_for_backward(q, r, k, v)
@@ -83,7 +87,7 @@ class _BlockwiseParallax(torch.autograd.Function):
         B, T, HQ, D = q.shape
         S, HK = k.shape[1], k.shape[2]
         G = HQ // HK
-        dtype = _compute_dtype(q)
+        dtype = compute_dtype(q)
         qg, rg, dog = (None if x is None else x.to(dtype).view(B, T, HK, G, D) for x in (q, r, grad_out))
         kf, vf = k.to(dtype), v.to(dtype)
         dq = torch.zeros_like(qg)
@@ -96,7 +100,8 @@ class _BlockwiseParallax(torch.autograd.Function):
                 continue
             qc, do, kc, vc = qg[:, t0:t1], dog[:, t0:t1], kf[:, lo:hi], vf[:, lo:hi]
             rc = None if rg is None else rg[:, t0:t1]
-            p, s2, sbar = _weights(qc, rc, kc, t0, lo, T, S, scale, causal, window_size)
+            visible = _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, q.device)
+            p, s2, sbar = parallax_weights(qc, rc, kc, visible, scale)
             g = torch.einsum("btkgd,bskd->bkgts", do, vc)  # g_ij = <dO_i, v_j>
             mu = torch.einsum("bkgts,bskd->btkgd", p, vc)
             E = (do * mu).sum(-1).permute(0, 2, 3, 1).unsqueeze(-1)  # <dO_i, mu_i>

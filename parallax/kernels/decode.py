@@ -17,7 +17,9 @@ import os
 
 import torch
 
+from .blockwise import compute_dtype, parallax_weights
 from .checks import check_backend, check_same, check_scale, check_tensor, check_window
+from .reference import keys_visible
 
 
 def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend):
@@ -163,24 +165,16 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
 def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size):
     """Dense float32 attention of q, r against the first `seqlens` [B] cached keys."""
     B, Tq, HQ, D = q.shape
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(q)
     K = _logical_cache(k_cache, block_table).to(dtype)
     V = _logical_cache(v_cache, block_table).to(dtype)
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
     pos = seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)  # [B, Tq]
-    j = torch.arange(K.shape[1], device=q.device)
-    visible = j[None, None, :] <= pos[:, :, None]
-    if window_size is not None:
-        visible &= j[None, None, :] > pos[:, :, None] - window_size
-    visible = visible[:, None, None]  # [B, 1, 1, Tq, S]
-    has_key = visible.any(dim=-1, keepdim=True)  # false before the first key: output 0
-    s1 = torch.einsum("btkgd,bskd->bkgts", qg, K) * scale
-    s1 = s1.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
-    p = torch.softmax(s1, dim=-1).masked_fill(~visible, 0.0)
-    s2 = torch.einsum("btkgd,bskd->bkgts", rg, K).masked_fill(~visible, 0.0)
-    sbar = (p * s2).sum(-1, keepdim=True)
+    key_pos = torch.arange(K.shape[1], device=q.device)
+    visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
+    p, s2, sbar = parallax_weights(qg, rg, K, visible[:, None, None], scale)  # mask as [B, 1, 1, Tq, S]
     w = p * (1.0 + sbar - s2)
     o = torch.einsum("bkgts,bskd->btkgd", w, V)
     return o.reshape(B, Tq, HQ, D).to(q.dtype)

@@ -26,13 +26,21 @@ def visible_keys(T: int, S: int, *, causal: bool, window_size: int | None, devic
     Without `causal`, the window only bounds keys from below (FlashAttention's
     window_size=(W - 1, -1)).
     """
-    i = torch.arange(T, device=device)[:, None] + (S - T)
-    j = torch.arange(S, device=device)[None, :]
-    visible = torch.ones(T, S, dtype=torch.bool, device=device)
+    query_pos = torch.arange(T, device=device)[:, None] + (S - T)
+    key_pos = torch.arange(S, device=device)[None, :]
+    return keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
+
+
+def keys_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, *, causal: bool,
+                 window_size: int | None) -> torch.Tensor:
+    """The mask of `visible_keys` from broadcastable integer tensors of query
+    positions (in key coordinates) and key positions."""
+    visible = torch.ones(torch.broadcast_shapes(query_pos.shape, key_pos.shape), dtype=torch.bool,
+                         device=query_pos.device)
     if causal:
-        visible &= j <= i
+        visible &= key_pos <= query_pos
     if window_size is not None:
-        visible &= j > i - window_size
+        visible &= key_pos > query_pos - window_size
     return visible
 
 

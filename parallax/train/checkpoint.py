@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -46,19 +47,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     """torch.save `state` to path atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -13,12 +13,13 @@ import math
 import os
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 SPLIT_SEED = "parallax-split-0"
 VAL_FRACTION = 0.05
@@ -98,19 +99,12 @@ def split_files(names: list[str]) -> tuple[list[str], list[str]]:
 
 def _atomic_concat(root: Path, names: list[str], dest: Path) -> None:
     """Write the bytes of root/name for each name, newline-separated, to dest atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for name in names:
-                with open(root / name, "rb") as f:
-                    while chunk := f.read(_CHUNK):
-                        out.write(chunk)
-                out.write(b"\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(dest) as out:
+        for name in names:
+            with open(root / name, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    out.write(chunk)
+            out.write(b"\n")
 
 
 def _memmap(path: Path, dtype=np.uint8, offset: int = 0) -> np.ndarray:
