@@ -43,6 +43,8 @@ def test_conversion_is_exact_with_and_without_cache(family):
     x = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
     ref = model(x).logits
     ref_tokens = greedy(model, x, use_cache=True)
+    beams = dict(max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    ref_beams = model.generate(x, **beams)
     originals = [layer.self_attn for layer in model.model.layers]
 
     assert to_parallax(model) is model
@@ -61,6 +63,7 @@ def test_conversion_is_exact_with_and_without_cache(family):
     torch.testing.assert_close(cached_logits(model, x, prefill=5), ref, **TIGHT)
     assert torch.equal(greedy(model, x, use_cache=True), ref_tokens)
     assert torch.equal(greedy(model, x, use_cache=False), ref_tokens)
+    assert torch.equal(model.generate(x, **beams), ref_beams)  # the cache reorders for beam search
 
     if family in SLIDING:  # the window is applied: dropping it changes the logits
         windows = [layer.self_attn.window_size for layer in model.model.layers]
