@@ -28,7 +28,6 @@ def save_pretrained_gpt(model: GPT, out_dir: str | os.PathLike) -> Path:
         raise TypeError(f"model must be a parallax.models.GPT, got {type(model).__name__}")
     hf_model = ParallaxForCausalLM(ParallaxConfig.from_gpt_config(model.config))
     hf_model.transformer.load_state_dict(model.state_dict())
-    hf_model.generation_config.pad_token_id = None
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
