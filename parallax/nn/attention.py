@@ -82,7 +82,11 @@ class ParallaxAttention(nn.Module):
         return y if norm is None else norm(y)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
+        layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`); None: the layer's RoPE at the
+        positions of x (after the cache, or restarting per packed sequence)."""
         if x.ndim != 3:
             raise ValueError(f"x must have 3 dims [batch, seq, dim], got shape {tuple(x.shape)}")
         if cache is not None and cu_seqlens is not None:
@@ -93,13 +97,14 @@ class ParallaxAttention(nn.Module):
         v = self._heads(self.v_proj, x, self.num_kv_heads, None)
         r = None if self.r_proj is None else self._heads(self.r_proj, x, self.num_heads, self.r_norm)
 
-        if cache is not None:
-            positions = cache.seqlens.long()[:, None] + torch.arange(T, device=x.device)
+        if rope is not None:
+            cos, sin = rope
+        elif cache is not None:
+            cos, sin = self.rope(cache.seqlens.long()[:, None] + torch.arange(T, device=x.device))
         elif cu_seqlens is not None:
-            positions = packed_positions(cu_seqlens, T)
+            cos, sin = self.rope(packed_positions(cu_seqlens, T))
         else:
-            positions = torch.arange(T, device=x.device)
-        cos, sin = self.rope(positions)
+            cos, sin = self.rope(torch.arange(T, device=x.device))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if r is not None:
             r = apply_rope(r, cos, sin)

@@ -10,8 +10,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recompute inv_freq: it is not saved, so a loader that builds the model on the meta device
+        (transformers' from_pretrained) must refill it."""
+        self.inv_freq.copy_(self._inv_freq())
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: integer [B, T] or [T] -> cos, sin broadcastable to [B, T, H, D/2]."""

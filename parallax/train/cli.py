@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", default=d.out, help="output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--export-hf", default=d.export_hf, metavar="DIR",
+                   help="at the end, write the model as a transformers directory (AutoModelForCausalLM; see docs/hf.md)")
     return p
 
 

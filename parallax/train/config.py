@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 
 from ..models.config import ATTENTION_KINDS, PRESETS, preset
@@ -61,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/default"
     resume: bool = False
+    export_hf: str | None = None  # write a transformers model directory here at the end (needs parallax[hf])
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -113,4 +115,6 @@ class TrainConfig:
              f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         need(self.threads is None or self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
         need(bool(self.out), "--out", "must be a directory path")
+        need(self.export_hf is None or importlib.util.find_spec("transformers") is not None, "--export-hf",
+             "needs transformers: pip install 'parallax[hf]'")
         return self

@@ -325,6 +325,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
         "world_size": world,
         "out": str(out_dir),
     }
+    if main and cfg.export_hf:
+        from ..hf.export import save_pretrained_gpt  # optional extra: imported only when asked for
+
+        say(f"exported the model to {save_pretrained_gpt(raw_model, cfg.export_hf)} (transformers format)")
     if main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         say(format_summary(summary))

@@ -1,0 +1,34 @@
+"""Hugging Face transformers integration (the optional `hf` extra).
+
+- `ParallaxConfig` / `ParallaxForCausalLM`: parallax's GPT as a transformers
+  model (`AutoModelForCausalLM`, `save_pretrained` to safetensors, `generate`).
+- `to_parallax(model)`: a Llama, Mistral, Qwen2 or Qwen3 model with Parallax
+  attention whose probe starts at zero, so its outputs are unchanged.
+- `ParallaxCache`: the KV cache both use (`parallax_attn_with_kvcache` layout).
+- `export_checkpoint`: a train.py checkpoint or run directory to a model directory.
+
+See docs/hf.md.
+"""
+try:
+    import transformers  # noqa: F401
+except ImportError as e:  # the core library works without it
+    raise ImportError("parallax.hf needs transformers and safetensors: pip install 'parallax[hf]'") from e
+
+from .attention import ATTENTION_NAME, ParallaxSelfAttention
+from .cache import ParallaxCache, ParallaxCacheLayer
+from .export import export_checkpoint, save_pretrained_gpt
+from .modeling import ParallaxConfig, ParallaxForCausalLM
+from .retrofit import FAMILIES, to_parallax
+
+__all__ = [
+    "ATTENTION_NAME",
+    "FAMILIES",
+    "ParallaxCache",
+    "ParallaxCacheLayer",
+    "ParallaxConfig",
+    "ParallaxForCausalLM",
+    "ParallaxSelfAttention",
+    "export_checkpoint",
+    "save_pretrained_gpt",
+    "to_parallax",
+]

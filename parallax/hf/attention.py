@@ -1,0 +1,113 @@
+"""Parallax attention behind the self-attention interface of transformers' decoder layers.
+
+transformers lets a model pick an attention *function* by name
+(`AttentionInterface`, `ALL_ATTENTION_FUNCTIONS`), but that function receives
+q, k, v after RoPE and after the cache update: it never sees the layer input
+the probe r = W_R x is computed from, nor a cache it could hand to
+`parallax_attn_with_kvcache`. So the converted model replaces each
+self-attention *module* (the module interface every Llama-family decoder layer
+calls: hidden states and (cos, sin) in, (output, weights) out). The name
+"parallax" is still registered, with no attention function of its own, so
+that masks are never built for these modules (padding is checked instead, see
+`unpadded_mask`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from ..nn import ParallaxAttention
+from .cache import parallax_cache_layer
+
+ATTENTION_NAME = "parallax"
+
+
+def _no_attention_function(module, *args, **kwargs):
+    raise TypeError(f"attn_implementation={ATTENTION_NAME!r} is computed by parallax.hf.ParallaxSelfAttention "
+                    f"modules, not by an attention function; {type(module).__name__} cannot use it")
+
+
+def unpadded_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """The "parallax" mask: always None, the attention is causal (and windowed) by itself.
+
+    Parallax attention takes sequences of equal length; a 2D attention_mask
+    with padding (zeros) is refused rather than silently attended to.
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("Parallax attention takes unpadded batches: attention_mask has padding (zeros); "
+                         "batch sequences of equal length or generate them one at a time")
+    return None
+
+
+AttentionInterface.register(ATTENTION_NAME, _no_attention_function)
+AttentionMaskInterface.register(ATTENTION_NAME, unpadded_mask)
+
+
+class ParallaxSelfAttention(ParallaxAttention):
+    """A `ParallaxAttention` layer that a transformers decoder layer calls like its own self-attention.
+
+    RoPE comes from the host model (its `position_embeddings` (cos, sin), so
+    every RoPE variant and scaling it supports applies unchanged); keys and
+    values go to a `ParallaxCacheLayer` of `past_key_values`, which decodes
+    through `parallax_attn_with_kvcache` (the Triton kernel on CUDA). In
+    training mode the cache is not used (transformers builds one by default)
+    so gradients flow through `parallax_attn`. `backend` is passed to the
+    kernels (None: Triton on CUDA, torch elsewhere).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer_idx: int,
+                 window_size: int | None, qk_norm: bool, bias: bool):
+        super().__init__(hidden_size, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, kind="parallax",
+                         window_size=window_size, qk_norm=qk_norm, bias=bias)
+        self.layer_idx = layer_idx
+        self.is_causal = True
+        self.backend: str | None = None
+
+    @classmethod
+    def replacing(cls, attn: nn.Module, layer_idx: int, window_size: int | None) -> "ParallaxSelfAttention":
+        """A Parallax layer that reuses the projections (and q/k norms) of a Llama-family attention module.
+
+        The probe starts at zero (`reset_probe`), so the output equals the original's.
+        """
+        q, k = attn.q_proj, attn.k_proj
+        head_dim = int(attn.head_dim)
+        scaling = getattr(attn, "scaling", head_dim ** -0.5)
+        if abs(scaling - head_dim ** -0.5) > 1e-12:
+            raise ValueError(f"layer {layer_idx} scales q.k by {scaling}, Parallax attention by head_dim ** -0.5")
+        if getattr(attn, "attention_dropout", 0.0):
+            raise ValueError(f"layer {layer_idx} has attention_dropout={attn.attention_dropout}; Parallax attention "
+                             "has no attention dropout")
+        qk_norm = getattr(attn, "q_norm", None) is not None
+        weight = q.weight
+        with torch.device(weight.device):
+            layer = cls(q.in_features, q.out_features // head_dim, k.out_features // head_dim, head_dim,
+                        layer_idx=layer_idx, window_size=window_size, qk_norm=qk_norm, bias=q.bias is not None)
+        layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj = q, k, attn.v_proj, attn.o_proj
+        if qk_norm:
+            layer.q_norm, layer.k_norm = attn.q_norm, attn.k_norm
+            layer.r_norm.eps = getattr(attn.q_norm, "variance_epsilon", layer.r_norm.eps)
+            layer.r_norm.to(weight.dtype)
+        layer.r_proj.to(weight.dtype)
+        return layer.train(attn.training)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("Parallax attention takes no attention mask (it is causal, windowed where configured); "
+                             f"got a {type(attention_mask).__name__} mask: load the model with "
+                             f"attn_implementation={ATTENTION_NAME!r} and pass unpadded batches")
+        if position_embeddings is None:
+            raise ValueError("position_embeddings (cos, sin) from the host model's rotary embedding are required")
+        cos, sin = position_embeddings
+        if cos.shape[-1] != self.head_dim:
+            raise ValueError(f"rotary embedding covers {cos.shape[-1]} of head_dim {self.head_dim} dims; "
+                             "Parallax attention needs full-width RoPE")
+        half = self.head_dim // 2
+        # transformers' rotate-half (cos, sin) repeat the same D/2 angles twice; the layer takes one copy.
+        rope = (cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2))
+        cache = None
+        if past_key_values is not None and not self.training:
+            layer = parallax_cache_layer(past_key_values, self.layer_idx)
+            cache = layer.reserve(hidden_states.shape[1], hidden_states, self.num_kv_heads, self.head_dim)
+        return super().forward(hidden_states, cache=cache, rope=rope, backend=self.backend), None

@@ -1,0 +1,106 @@
+"""ParallaxForCausalLM: Auto classes, safetensors round trip, generate() == GPT.generate, export from train.py."""
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from parallax.hf import ParallaxCache, ParallaxConfig, ParallaxForCausalLM
+from parallax.hf.export import main as export_main
+from parallax.models import GPT, GPTConfig
+from parallax.train import TrainConfig, save_checkpoint, train
+
+SHAPE = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=48)
+
+
+def trained_like(config: ParallaxConfig, seed=0) -> ParallaxForCausalLM:
+    """A model whose probes are non-zero, so the Parallax correction is exercised."""
+    torch.manual_seed(seed)
+    model = ParallaxForCausalLM(config).eval()
+    with torch.no_grad():
+        for block in model.transformer.blocks:
+            block.attn.r_proj.weight.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@torch.no_grad()
+def test_save_pretrained_round_trips_through_auto_classes(tmp_path, tie):
+    model = trained_like(ParallaxConfig(**SHAPE, tie_word_embeddings=tie))
+    x = torch.randint(0, 64, (2, 9))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "pytorch_model.bin").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "parallax"
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, ParallaxConfig) and config.to_gpt_config() == model.transformer.config
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is ParallaxForCausalLM
+    assert (loaded.transformer.lm_head.weight is loaded.transformer.wte.weight) == tie
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@torch.no_grad()
+def test_generate_with_cache_equals_without_and_gpt_generate(window):
+    model = trained_like(ParallaxConfig(**SHAPE, window_size=window))
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    cached = model.generate(x, max_new_tokens=12, do_sample=False)
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, model.generate(x, max_new_tokens=12, do_sample=False, use_cache=False))
+    assert torch.equal(cached, model.transformer.generate(x, 12, temperature=0))
+    cache = ParallaxCache()  # chunked decoding through a cache gives the whole-sequence logits
+    whole = model(cached, use_cache=False).logits
+    parts = [model(cached[:, :4], past_key_values=cache).logits, model(cached[:, 4:19], past_key_values=cache).logits]
+    torch.testing.assert_close(torch.cat(parts, 1), whole, rtol=0, atol=1e-5)
+
+
+def test_config_and_inputs_are_validated():
+    with pytest.raises(ValueError, match="n_embd"):
+        ParallaxConfig(n_embd=30, n_head=4)
+    model = trained_like(ParallaxConfig(**SHAPE))
+    x = torch.randint(0, 64, (2, 5))
+    mask = torch.ones_like(x)
+    mask[1, 0] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    labels = x.clone()
+    loss = model(x, labels=labels).loss  # transformers' convention: labels are the inputs, shifted inside
+    expected = torch.nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(loss, expected)
+
+
+@torch.no_grad()
+def test_export_cli_from_checkpoint_and_run_dir(tmp_path, capsys):
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(**SHAPE))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint({"model": gpt.state_dict(), "model_config": gpt.config.to_dict(), "step": 3}, run / "checkpoint.pt")
+    x = torch.randint(0, 64, (1, 8))
+    for source in (run, run / "checkpoint.pt"):
+        out = tmp_path / f"hf-{source.name}"
+        assert export_main([str(source), str(out)]) == 0
+        loaded = AutoModelForCausalLM.from_pretrained(out)
+        assert torch.equal(loaded(x, use_cache=False).logits, gpt(x)[0])
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+
+
+def test_train_export_hf_flag_writes_a_loadable_model(tmp_path, one_thread):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"def add(a, b):\n    return a + b\n" * 400)
+    cfg = TrainConfig(model="tiny", data=str(corpus), out=str(tmp_path / "run"), batch_size=4, seq_len=32, steps=3,
+                      warmup=1, eval_every=3, eval_batches=1, sample_tokens=0, progress=False,
+                      export_hf=str(tmp_path / "hf"))
+    stdout = io.StringIO()
+    train(cfg, stdout=stdout)
+    assert "exported the model to" in stdout.getvalue()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    gpt = GPT(GPTConfig(**torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model_config"]))
+    gpt.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"])
+    x = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, use_cache=False).logits, gpt(x)[0])
