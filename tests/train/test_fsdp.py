@@ -20,3 +20,13 @@ def test_fsdp_run_matches_ddp_run(tmp_path):
     for key in ("train_loss", "val_loss"):
         assert abs(float(fsdp[key]) - float(ddp[key])) < 1e-3, key
     assert (tmp_path / "fsdp" / "checkpoint.pt").exists() and (tmp_path / "fsdp" / "sample.txt").exists()
+
+
+def test_fsdp_without_torchrun_exits_2_naming_the_flag(tmp_path, capsys, monkeypatch):
+    from parallax.train.cli import main
+
+    monkeypatch.setenv("PARALLAX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert main([*TINY, "--data", str(text), "--fsdp", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "--fsdp" in capsys.readouterr().err
