@@ -1,7 +1,6 @@
 """The Muon optimizer family: exact torch.optim.Muon parity, newer spectral
-variants, Muon+AdamW in one optimizer, data-parallel sharding, diagnostics."""
+variants, Muon+AdamW in one optimizer, DDP and FSDP2 sharding, diagnostics."""
 
-from .adamw_update import adamw_update
 from .coefficients import NEWTON_SCHULZ_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from .diagnostics import (
     muon_diagnostics,
@@ -13,15 +12,18 @@ from .diagnostics import (
 from .layer_steps import layer_aware_ns_steps, steps_to_reach
 from .lora import LoRALinear, add_lora
 from .muon import Muon, MuonWithAdamW
-from .muon_update import adjust_lr, momentum_step, muon_update
-from .orthogonalize import ORTHOGONALIZERS, orthogonalize
+from .muon_update import adjust_lr, as_matrices, momentum_step, muon_update
+from .orthogonalize import ORTHOGONALIZERS, newton_schulz, newton_schulz_step, orthogonalize
 from .param_split import split_params
 from .spectral import (
     UPDATE_RULES,
+    clip_by_polar,
     clip_singular_values,
+    dynmuon_direction,
     dynmuon_power,
     freon,
     kaon,
+    mucon,
     neuron_normalize,
     nuclear_scaled_polar,
     spectral_direction,
@@ -36,11 +38,16 @@ __all__ = [
     "muon_update",
     "momentum_step",
     "adjust_lr",
-    "adamw_update",
+    "as_matrices",
+    "newton_schulz",
+    "newton_schulz_step",
     "spectral_direction",
     "clip_singular_values",
+    "clip_by_polar",
+    "mucon",
     "spectral_power",
     "dynmuon_power",
+    "dynmuon_direction",
     "nuclear_scaled_polar",
     "freon",
     "kaon",

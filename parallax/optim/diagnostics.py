@@ -3,7 +3,7 @@
 import torch
 
 from .muon import direction_options
-from .muon_update import adjust_lr, as_matrix
+from .muon_update import adjust_lr, as_matrices
 from .spectral import spectral_direction
 
 DEFAULT_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -17,7 +17,7 @@ def update_rms(update):
 def orthogonality_error(O):
     """||O O^T - I||_F / sqrt(k) on the smaller Gram matrix (k = min(m, n)):
     0 for an exact U V^T of full rank, ~1 when O is far from orthogonal."""
-    O = as_matrix(O).float()
+    O = as_matrices(O, flatten=True).float()
     if O.shape[0] > O.shape[1]:
         O = O.mT
     gram = O @ O.mT
@@ -27,7 +27,7 @@ def orthogonality_error(O):
 
 def singular_value_quantiles(M, quantiles=DEFAULT_QUANTILES):
     """Quantiles of the singular values of M (flattened to 2-D)."""
-    S = torch.linalg.svdvals(as_matrix(M).float())
+    S = torch.linalg.svdvals(as_matrices(M, flatten=True).float())
     return torch.quantile(S, torch.tensor(quantiles, dtype=S.dtype, device=S.device))
 
 
@@ -62,9 +62,9 @@ def muon_diagnostics(optimizer, loss_fn=None, quantiles=DEFAULT_QUANTILES):
             state = optimizer.state.get(p, {})
             if "momentum_buffer" not in state:
                 continue
-            momentum = as_matrix(state["momentum_buffer"])
+            momentum = as_matrices(state["momentum_buffer"], group["flatten"])
             direction = spectral_direction(momentum, **direction_options(group, state))
-            lr = adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape)
+            lr = adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape, group["flatten"])
             report["matrices"].append({
                 "shape": tuple(p.shape),
                 "update_rms": (lr * update_rms(direction)).item(),

@@ -30,18 +30,25 @@ def steps_to_reach(x, target=0.6, coefficients=NEWTON_SCHULZ_COEFFICIENTS, min_s
 
 
 def layer_aware_ns_steps(M, quantile=0.1, target=0.6, coefficients=NEWTON_SCHULZ_COEFFICIENTS,
-                         min_steps=1, max_steps=10):
-    """NS step count for matrix M from its measured spectrum (see module doc).
+                         min_steps=1, max_steps=10, norm_scale=1.0):
+    """NS step count for matrix M (or the most demanding matrix of a batch
+    [..., m, n]) from its measured spectrum (see module doc).
 
     quantile: which singular value must be orthogonalised, as a quantile of the
     nonzero singular values (0.1 = the 10th percentile from the bottom).
+    coefficients, norm_scale: the orthogonalizer's own schedule and the factor
+    on ||M||_F in its normalisation (`orthogonalize.polynomial_schedule`), so
+    Polar Express is counted with Polar Express's polynomials.
     """
     if not 0 <= quantile <= 1:
         raise ValueError(f"quantile must be in [0, 1], got {quantile!r}")
-    S = torch.linalg.svdvals(M.detach().reshape(M.shape[0], -1).float())
-    frobenius = S.norm()
-    nonzero = S[S > S.max() * max(M.shape) * torch.finfo(S.dtype).eps] if frobenius > 0 else S[:0]
-    if nonzero.numel() == 0:
-        return min_steps
-    x = torch.quantile(nonzero, quantile).item() / frobenius.item()
-    return steps_to_reach(x, target, coefficients, min_steps, max_steps)
+    matrices = M.detach().reshape(-1, *M.shape[-2:]).float()
+    steps = min_steps
+    for S in torch.linalg.svdvals(matrices):
+        frobenius = S.norm()
+        nonzero = S[S > S.max() * max(M.shape[-2:]) * torch.finfo(S.dtype).eps] if frobenius > 0 else S[:0]
+        if nonzero.numel() == 0:
+            continue
+        x = torch.quantile(nonzero, quantile).item() / (frobenius.item() * norm_scale)
+        steps = max(steps, steps_to_reach(x, target, coefficients, min_steps, max_steps))
+    return steps

@@ -1,6 +1,8 @@
 """Orthogonalization of matrices: the map G = U S V^T  ->  U V^T (or a close
 approximation of it) that Muon applies to every momentum matrix."""
 
+import functools
+
 import torch
 
 from .coefficients import (
@@ -11,6 +13,22 @@ from .coefficients import (
 )
 
 ORTHOGONALIZERS = ("svd", "newton_schulz", "polar_express", "gram_newton_schulz")
+# Gram Newton-Schulz iterates in float16 when half precision is asked for:
+# bfloat16's 8-bit mantissa lets X X^T drift until restarts cannot save it
+# (Dao-AILab/gram-newton-schulz casts to float16 after a float32 normalisation).
+GRAM_HALF_DTYPE = torch.float16
+
+
+def polynomial_schedule(method, steps, coefficients=None):
+    """(per-step (a, b, c) tuples, input scale) of a polynomial orthogonalizer.
+
+    The input scale multiplies ||X||_F in the normalisation: Polar Express
+    divides by 1.01 ||X||_F (Amsel et al., Algorithm 1), the others by ||X||_F.
+    Layer-aware step counts use this too, so they follow the group's own schedule.
+    """
+    if method == "polar_express":
+        return coefficient_schedule(coefficients or POLAR_EXPRESS_COEFFICIENTS, steps), POLAR_EXPRESS_SAFETY
+    return coefficient_schedule(coefficients or NEWTON_SCHULZ_COEFFICIENTS, steps), 1.0
 
 
 def orthogonalize(
@@ -22,6 +40,7 @@ def orthogonalize(
     eps=1e-7,
     compute_dtype=torch.bfloat16,
     gram_restarts=None,
+    compiled=False,
 ):
     """Approximate the polar factor U V^T of G (shape [..., m, n]).
 
@@ -32,8 +51,10 @@ def orthogonalize(
     coefficients: one (a, b, c) tuple or one per step; defaults to the method's own.
     eps: floor of the Frobenius norm used to scale G, so a zero matrix maps to zeros.
     compute_dtype: dtype of the iterations (bf16 as torch.optim.Muon; None keeps G's).
+        Gram Newton-Schulz normalises in float32 and runs half precision as float16.
     gram_restarts: iterations after which Gram Newton-Schulz rebuilds X X^T from X
         (default: after iteration 2, then every 3rd).
+    compiled: run the Newton-Schulz iteration through torch.compile.
     Returns a tensor of G's shape and dtype.
     """
     if not isinstance(G, torch.Tensor):
@@ -58,15 +79,15 @@ def orthogonalize(
         O = _svd_polar(X)
     else:
         dtype = compute_dtype or G.dtype
-        default = POLAR_EXPRESS_COEFFICIENTS if method == "polar_express" else NEWTON_SCHULZ_COEFFICIENTS
-        schedule = coefficient_schedule(coefficients or default, steps)
-        norm_scale = POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
-        X = _normalize(X.to(dtype), eps, norm_scale)
+        schedule, norm_scale = polynomial_schedule(method, steps, coefficients)
         restarts = frozenset(range(2, steps, 3) if gram_restarts is None else gram_restarts)
         if method == "gram_newton_schulz" and _gram_is_cheaper(X.size(-2), X.size(-1), steps, restarts):
-            O = _gram_newton_schulz(X, schedule, restarts)
+            half = dtype in (torch.float16, torch.bfloat16)
+            X = _normalize(X.float() if half else X.to(dtype), eps, norm_scale)
+            O = _gram_newton_schulz(X.to(GRAM_HALF_DTYPE) if half else X, schedule, restarts)
         else:
-            O = _newton_schulz(X, schedule)
+            iterate = _compiled_newton_schulz() if compiled else newton_schulz
+            O = iterate(_normalize(X.to(dtype), eps, norm_scale), schedule)
 
     O = O.reshape(*batch_shape, *O.shape[-2:])
     return (O.mT if transposed else O).to(G.dtype)
@@ -92,13 +113,25 @@ def _fused_matmul(bias, left, right, *, beta, alpha=1.0):
     return torch.baddbmm(bias, left, right, beta=beta, alpha=alpha)
 
 
-def _newton_schulz(X, schedule):
-    """X <- a X + b (X X^T) X + c (X X^T)^2 X, in the exact operation order of torch.optim.Muon."""
+def newton_schulz_step(X, a, b, c):
+    """X <- a X + b (X X^T) X + c (X X^T)^2 X on an already normalised X (2-D or
+    batched), in the exact operation order of torch.optim.Muon."""
+    gram = X @ X.mT
+    gram_update = _fused_matmul(gram, gram, gram, beta=b, alpha=c)
+    return _fused_matmul(X, gram_update, X, beta=a)
+
+
+def newton_schulz(X, schedule):
+    """Run newton_schulz_step once per (a, b, c) of `schedule`."""
     for a, b, c in schedule:
-        gram = X @ X.mT
-        gram_update = _fused_matmul(gram, gram, gram, beta=b, alpha=c)
-        X = _fused_matmul(X, gram_update, X, beta=a)
+        X = newton_schulz_step(X, a, b, c)
     return X
+
+
+@functools.cache
+def _compiled_newton_schulz():
+    # Built on first use: importing the optimizer must not start the compiler.
+    return torch.compile(newton_schulz, fullgraph=True, dynamic=False)
 
 
 def _gram_newton_schulz(X, schedule, restarts):

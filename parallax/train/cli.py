@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--dtype", default=d.dtype, help=f"{', '.join(DTYPES)} (auto: bf16 autocast on GPU, fp32 on CPU)")
     _bool_flag(g, "compile", "torch.compile the model", d.compile)
+    _bool_flag(g, "fsdp", "under torchrun, shard the model with FSDP2 instead of replicating it (DDP)", d.fsdp)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", default=d.out, help="output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

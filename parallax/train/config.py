@@ -59,6 +59,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None: torch's default
     dtype: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # torchrun: shard parameters and optimizer state with FSDP2 instead of DDP
     seed: int = 0
     out: str = "runs/default"
     resume: bool = False

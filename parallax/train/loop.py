@@ -18,6 +18,7 @@ from ..models import GPT, preset
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig
 from .data import BatchSampler, DataError, Dataset, eval_windows, load_dataset, unigram_bits
+from .fsdp import full_model_state, full_optimizer_state, load_model_state, shard_model, unsharded_copy, whole
 from .plot import plot_losses, read_log
 from .progress import ProgressBar
 from .schedule import LRSchedule, build_scheduler
@@ -65,7 +66,9 @@ def build_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "muon":
         groups = [{"params": matrices, "use_muon": True, "lr": cfg.matrix_lr, "weight_decay": cfg.weight_decay},
                   {"params": rest, "use_muon": False, "lr": cfg.embed_lr, "weight_decay": 0.0}]
-        return MuonWithAdamW(groups, momentum=cfg.momentum, adamw_betas=(0.9, 0.95))
+        # Under torchrun each matrix's direction is computed by one rank (DDP) or its owner (FSDP).
+        return MuonWithAdamW(groups, momentum=cfg.momentum, adamw_betas=(0.9, 0.95),
+                             process_group=dist.group.WORLD if dist.is_initialized() else None)
     groups = [{"params": matrices, "lr": cfg.matrix_lr, "weight_decay": cfg.weight_decay},
               {"params": rest, "lr": cfg.embed_lr, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, foreach=False)
@@ -173,6 +176,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
     unigram = unigram_bits(ds)
     bits_per_token = 1.0 / math.log(2)  # nats -> bits; tokens are bytes for byte-level data
     model = build_model(cfg, ds.vocab_size).to(device)
+    if cfg.fsdp:
+        shard_model(model, device)
     params = model.num_parameters()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.cooldown)
@@ -186,7 +191,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
         if ckpt["model_config"] != model.config.to_dict():
             raise ConfigError("--resume", f"{ckpt_path} holds a different model ({ckpt['model_config']}); "
                                           f"pass the same --model / --attention / data")
-        model.load_state_dict(ckpt["model"])
+        load_model_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scheduler.lr_lambdas = [LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.cooldown)
@@ -204,7 +209,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
             log_path.unlink()
 
     raw_model = model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -221,18 +226,21 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
         f"{cfg.grad_accum} x {world}); unigram baseline {unigram:.4f} bits/token")
 
     def checkpoint(at: int, elapsed: float) -> None:
+        model_state, optimizer_state = full_model_state(raw_model), full_optimizer_state(optimizer)  # every rank
         if not main:
             return
         save_checkpoint({
             "step": at, "tokens": tokens_before + (at - start) * tokens_per_step, "elapsed": elapsed,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model_state, "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(), "rng": rng_state(),
             "model_config": raw_model.config.to_dict(), "train_config": cfg.to_dict(),
         }, out_dir / "checkpoint.pt")
 
     def run_eval(at: int) -> float:
-        val = evaluate(model, ds, windows, cfg.seq_len, cfg.batch_size, device, autocast, rank, world)
+        # FSDP: every rank evaluates every window, so all run the same sharded forwards.
+        val = evaluate(model, ds, windows, cfg.seq_len, cfg.batch_size, device, autocast,
+                       *((0, 1) if cfg.fsdp else (rank, world)))
         if main:
             _log(log_path, {"kind": "val", "step": at, "val_loss": val, "val_bpb": val * bits_per_token,
                             "unigram_bpb": unigram})
@@ -250,7 +258,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
         for micro in range(cfg.grad_accum):
             x, y = sampler.next()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1 or world == 1
+            sync = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
                 _, loss = model(x, y)
                 if loss_hook is not None:
@@ -262,6 +270,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
             dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG)
         grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.zeros(()))
+        grad_norm = whole(grad_norm)
         last_loss = float(loss_avg)
         if not (math.isfinite(last_loss) and math.isfinite(float(grad_norm))):
             bar.close()
@@ -300,11 +309,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_h
         plot_losses(log_path, out_dir / PLOT_NAME, baseline=unigram / bits_per_token,
                     title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
     finished = step >= cfg.steps
-    if main and finished and cfg.sample_tokens > 0:
+    sample_model = unsharded_copy(raw_model) if finished and cfg.sample_tokens > 0 else None  # every rank
+    if main and sample_model is not None:
         prompt_len = min(32, raw_model.config.block_size // 2, len(ds.val))
         prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(device)[None]
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        tokens = raw_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
+        tokens = sample_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
         text = ds.decode(tokens[0].tolist())
         (out_dir / SAMPLE_NAME).write_text(text)
         say("---- sample (prompt: the first %d tokens of the val split) ----\n%s\n----" % (prompt_len, text))

@@ -51,3 +51,26 @@ def test_chosen_steps_orthogonalize_the_chosen_quantile(matrix_with_spectrum):
 
 def test_zero_matrix_needs_minimum_steps():
     assert layer_aware_ns_steps(torch.zeros(4, 6), min_steps=2) == 2
+
+
+def test_optimizer_counts_polar_express_steps_with_polar_express_polynomials():
+    from torch import nn
+
+    from parallax.optim import POLAR_EXPRESS_COEFFICIENTS, MuonWithAdamW
+    from parallax.optim.coefficients import POLAR_EXPRESS_SAFETY, coefficient_schedule
+
+    # A matrix whose 10th-percentile singular value is small: the two schedules disagree.
+    generator = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(40, 16, generator=generator))
+    spectrum = torch.logspace(0, -2.5, 16)
+    grad = (U * spectrum) @ V.mT
+    p = nn.Parameter(torch.zeros(16, 40))
+    p.grad = grad
+    optimizer = MuonWithAdamW([{"params": [p], "use_muon": True}], orthogonalizer="polar_express",
+                              layer_aware_steps=True, nesterov=False, momentum=0.0)
+    optimizer.step()
+    x = torch.quantile(spectrum, 0.1).item() / spectrum.norm().item()
+    expected = steps_to_reach(x / POLAR_EXPRESS_SAFETY, coefficients=coefficient_schedule(POLAR_EXPRESS_COEFFICIENTS, 10))
+    assert optimizer.state[p]["ns_steps"] == expected
+    assert expected != steps_to_reach(x)  # Newton-Schulz would need a different count

@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from parallax.optim import (
+    clip_by_polar,
     clip_singular_values,
+    dynmuon_direction,
     dynmuon_power,
+    mucon,
     freon,
     kaon,
     neuron_normalize,
     nuclear_scaled_polar,
     orthogonalize,
+    spectral_direction,
     spectral_power,
 )
 from parallax.optim.spectral import kaon_scalar
@@ -30,7 +34,7 @@ def assert_same_singular_vectors(result, U, V):
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
-def test_mucon_clips_only_singular_values_above_threshold(matrix_with_spectrum, shape):
+def test_clip_singular_values_clips_only_above_threshold(matrix_with_spectrum, shape):
     M, U, V = matrix_with_spectrum(*shape, SPECTRUM)
     result = clip_singular_values(M, threshold=1.5)
     expected = torch.tensor([min(s, 1.5) for s in SPECTRUM], dtype=torch.float64)
@@ -38,14 +42,44 @@ def test_mucon_clips_only_singular_values_above_threshold(matrix_with_spectrum, 
     assert_same_singular_vectors(result, U, V)
 
 
+@pytest.mark.parametrize("shape", [(12, 20), (20, 12)])
+def test_polar_formula_equals_svd_clip(matrix_with_spectrum, shape):
+    M, _, _ = matrix_with_spectrum(*shape, SPECTRUM)
+    exact = lambda X: orthogonalize(X, "svd")
+    for threshold in (0.3, 1.5, 5.0):
+        assert torch.allclose(clip_by_polar(M, exact, threshold), clip_singular_values(M, threshold), atol=1e-10)
+    # With Polar Express instead of an SVD the formula stays close.
+    approximate = lambda X: orthogonalize(X, "polar_express", 8, compute_dtype=torch.float32)
+    result = clip_by_polar(M.float(), approximate, 1.5).double()
+    assert (result - clip_singular_values(M, 1.5)).norm() / clip_singular_values(M, 1.5).norm() < 1e-3
+
+
+def test_mucon_threshold_is_relative_to_the_spectral_norm(matrix_with_spectrum):
+    M, U, V = matrix_with_spectrum(12, 20, SPECTRUM)
+    for scale in (1e-4, 1.0, 1e3):  # gradient scale does not matter
+        result = mucon(M * scale, threshold=0.3)
+        expected = torch.tensor([min(s / (0.3 * 4.0), 1.0) for s in SPECTRUM], dtype=torch.float64)
+        assert torch.allclose(torch.diagonal(U.mT @ result @ V), expected, atol=1e-8)
+        assert_same_singular_vectors(result, U, V)
+
+
+def test_default_mucon_clips_at_ordinary_gradient_scales():
+    # Gradients have spectral norms far below 1: MuCon must neither be momentum SGD nor Muon.
+    G = torch.randn(64, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    direction = spectral_direction(G, "mucon", orthogonalizer="svd")
+    S = torch.linalg.svdvals(direction)
+    assert S.max() == pytest.approx(1.0, abs=1e-6)  # clipped: Muon's spectral norm, not G's
+    assert S.min() < 0.8  # small directions keep their (smaller) size: not Muon either
+    assert not torch.allclose(direction, G / torch.linalg.matrix_norm(G, 2), atol=1e-3)
+
+
 @pytest.mark.parametrize("power", [1.0, 0.5, 0.0, -0.25])
-def test_dynmuon_raises_singular_values_to_power_at_polar_scale(matrix_with_spectrum, power):
+def test_spectral_power_is_u_s_to_the_p_v_without_rescaling(matrix_with_spectrum, power):
+    # DynMuon's U S^p V^T (paper and released code): no extra RMS rescale.
     M, U, V = matrix_with_spectrum(10, 16, SPECTRUM)
     result = spectral_power(M, power)
-    shaped = torch.tensor(SPECTRUM, dtype=torch.float64) ** power
-    expected = shaped / shaped.square().mean().sqrt()
+    expected = torch.tensor(SPECTRUM, dtype=torch.float64) ** power
     assert torch.allclose(torch.diagonal(U.mT @ result @ V), expected, atol=1e-10)
-    assert torch.allclose(result.norm(), torch.tensor(math.sqrt(5.0), dtype=torch.float64))
     assert_same_singular_vectors(result, U, V)
 
 
@@ -54,15 +88,27 @@ def test_dynmuon_power_zero_is_exact_polar_factor(matrix_with_spectrum):
     assert torch.allclose(spectral_power(M, 0.0), U @ V.mT, atol=1e-10)
 
 
-def test_dynmuon_schedule_goes_from_start_to_end_through_midpoint_by_sigmoid():
+def test_dynmuon_schedule_follows_the_released_logistic_schedule():
+    # fzwark/DynMuon, Logistic_Scheduler with train_gpt.py's defaults
+    # (p_max 1, p_min -0.25, tau 0.04, width 0.04), evaluated at the 1-based step.
     total = 1000
-    values = [dynmuon_power(step, total) for step in range(total + 1)]
-    assert values[0] == pytest.approx(1.0) and values[-1] == pytest.approx(-0.25)
-    assert values[total // 2] == pytest.approx((1.0 - 0.25) / 2)
+    values = [dynmuon_power(step, total) for step in range(1, total + 1)]
+    for step in (1, 40, 95, 200, 1000):
+        released = -0.25 + 1.25 / (1 + math.exp((step / total - 0.04) / 0.04))
+        assert values[step - 1] == pytest.approx(released, abs=1e-12)
     assert all(a >= b for a, b in zip(values, values[1:]))
-    # A sigmoid moves slowly at both ends and fastest in the middle.
-    assert values[0] - values[100] < values[450] - values[550]
-    assert dynmuon_power(5000, total) == pytest.approx(-0.25)
+    # Positive early, mildly negative from ~10% of training on, not around the midpoint.
+    assert values[0] > 0.6 and dynmuon_power(50, total) > 0 and dynmuon_power(150, total) < 0
+    assert dynmuon_power(total // 2, total) == pytest.approx(-0.25, abs=1e-4)
+    assert dynmuon_power(10 * total, total) == pytest.approx(-0.25)  # no overflow past the end
+
+
+def test_dynmuon_direction_switches_like_the_released_code(matrix_with_spectrum):
+    M, U, V = matrix_with_spectrum(10, 16, SPECTRUM)
+    polar = lambda X: orthogonalize(X, "svd")
+    assert torch.equal(dynmuon_direction(M, 0.6, polar), M)  # p >= 0.25: the momentum itself
+    assert torch.allclose(dynmuon_direction(M, 0.1, polar), U @ V.mT, atol=1e-10)  # 0 <= p < 0.25: Muon
+    assert torch.allclose(dynmuon_direction(M, -0.2, polar), spectral_power(M, -0.2))
 
 
 def test_dynmuon_schedule_needs_total_steps():
@@ -86,11 +132,12 @@ def test_nuclear_scaled_steepest_descent(matrix_with_spectrum):
 
 
 @pytest.mark.parametrize("q", [2.0, 1.0, 0.5, 0.25])
-def test_freon_schatten_spectrum(matrix_with_spectrum, q):
+def test_freon_schatten_spectrum_at_muon_scale(matrix_with_spectrum, q):
     M, U, V = matrix_with_spectrum(14, 11, SPECTRUM)
     result = freon(M, schatten_q=q)
     S = torch.tensor(SPECTRUM, dtype=torch.float64)
-    expected = (S / S.pow(q).sum().pow(1 / q)).pow(q - 1)
+    shape = (S / S.pow(q).sum().pow(1 / q)).pow(q - 1)
+    expected = shape * (len(SPECTRUM) / shape.square().sum()).sqrt()
     assert torch.allclose(torch.diagonal(U.mT @ result @ V), expected, atol=1e-10)
     assert_same_singular_vectors(result, U, V)
 
@@ -98,9 +145,16 @@ def test_freon_schatten_spectrum(matrix_with_spectrum, q):
 def test_freon_special_cases_muon_sgd_and_inversion(matrix_with_spectrum):
     M, U, V = matrix_with_spectrum(14, 11, SPECTRUM)
     assert torch.allclose(freon(M, 1.0), U @ V.mT, atol=1e-10)
-    assert torch.allclose(freon(M, 2.0), M / M.norm(), atol=1e-10)
+    assert torch.allclose(freon(M, 2.0), M / M.norm() * len(SPECTRUM) ** 0.5, atol=1e-10)
     inverted = U.mT @ freon(M, 0.5) @ V
     assert torch.all(torch.diff(torch.diagonal(inverted)) > 0)  # smallest sigma, largest step
+
+
+def test_freon_update_has_muons_rms_on_a_gradient_sized_matrix():
+    # Raw (S / ||S||_q)^(q-1) at q = 0.5 is ~rank^1.5 times Muon's scale: ~1000x at 768 x 768.
+    G = torch.randn(768, 768, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    muon_rms = orthogonalize(G, "svd").square().mean().sqrt()
+    assert freon(G, 0.5).square().mean().sqrt() / muon_rms == pytest.approx(1.0, rel=1e-6)
 
 
 def test_kaon_scrambles_singular_values_by_chaotic_map(matrix_with_spectrum):
@@ -137,6 +191,7 @@ def test_normuon_second_moment_is_exponential_average():
 
 @pytest.mark.parametrize("fn, kwargs, name", [
     (clip_singular_values, {"threshold": 0.0}, "threshold"),
+    (mucon, {"threshold": 1.5}, "threshold"),
     (freon, {"schatten_q": -1.0}, "schatten_q"),
     (kaon, {"iterations": 0}, "iterations"),
 ])

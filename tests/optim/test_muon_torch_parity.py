@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -99,3 +101,64 @@ def test_bad_group_added_later_is_rejected_and_not_kept():
     with pytest.raises(ValueError, match="momentum"):
         optimizer.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))], "use_muon": True, "momentum": 2.0})
     assert len(optimizer.param_groups) == 1
+
+
+def test_tensor_lr_matches_torch_muon():
+    ours, theirs = run_both(SHAPES, lr=torch.tensor(0.02), weight_decay=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_many_same_shape_matrices_are_stacked_and_stay_bit_exact(monkeypatch):
+    import parallax.optim.muon as muon_module
+
+    calls = []
+    original = muon_module.spectral_direction
+    monkeypatch.setattr(muon_module, "spectral_direction",
+                        lambda matrix, **options: calls.append(tuple(matrix.shape)) or original(matrix, **options))
+    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (16, 16), (16, 16)]
+    ours, theirs = run_both(shapes, steps=2, lr=0.02)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    # Per step: the three 16 x 16 in one call, the (24, 8) pair in one, the (8, 24) alone.
+    assert sorted(calls[:3]) == sorted([(8, 24), (2, 24, 8), (3, 16, 16)]) and len(calls) == 6
+
+
+def test_loads_a_torch_muon_state_dict_and_continues_identically():
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in SHAPES]
+    theirs = [nn.Parameter(p.clone()) for p in start]
+    reference = torch.optim.Muon(theirs, lr=0.02)
+    grads = [[torch.randn(s) for s in SHAPES] for _ in range(4)]
+    for step in range(4):
+        if step == 2:
+            checkpoint = {"params": [p.detach().clone() for p in theirs], "optim": copy.deepcopy(reference.state_dict())}
+        for p, g in zip(theirs, grads[step]):
+            p.grad = g.clone()
+        reference.step()
+    ours = [nn.Parameter(p) for p in checkpoint["params"]]
+    optimizer = Muon(ours, lr=0.02)
+    optimizer.load_state_dict(checkpoint["optim"])
+    for step in (2, 3):
+        for p, g in zip(ours, grads[step]):
+            p.grad = g.clone()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_three_dim_parameter_is_a_batch_of_matrices():
+    torch.manual_seed(0)
+    experts = nn.Parameter(torch.randn(3, 8, 20))
+    separate = [nn.Parameter(e.detach().clone()) for e in experts]
+    flat = nn.Parameter(experts.detach().reshape(3, 160).clone())
+    batched, reference = Muon([experts], lr=0.02), torch.optim.Muon(separate, lr=0.02)
+    flattened = Muon([nn.Parameter(experts.detach().clone())], lr=0.02, flatten=True)
+    flat_reference = torch.optim.Muon([flat], lr=0.02)
+    flattened_param = flattened.param_groups[0]["params"][0]
+    for _ in range(3):
+        grad = torch.randn(3, 8, 20)
+        experts.grad, flattened_param.grad, flat.grad = grad.clone(), grad.clone(), grad.reshape(3, 160).clone()
+        for p, g in zip(separate, grad):
+            p.grad = g.clone()
+        for optimizer in (batched, reference, flattened, flat_reference):
+            optimizer.step()
+    assert all(torch.equal(experts[i], separate[i]) for i in range(3))  # each expert orthogonalized alone
+    assert torch.equal(flattened_param.reshape(3, 160), flat)  # flatten=True: yesterday's [E, out*in]

@@ -184,9 +184,40 @@ def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches, loss_of
     assert all(1 <= s <= 9 for s in steps)
 
 
-def test_dtensor_parameters_are_refused_with_clear_error(monkeypatch):
-    import parallax.optim.muon as muon_module
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adamw_group_eps_is_honoured_and_matches_torch(foreach):
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    a = MuonWithAdamW([{"params": ours, "use_muon": False, "eps": 1e-2, "lr": 1e-2}], adamw_foreach=foreach)
+    b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-2, foreach=foreach)
+    for _ in range(4):
+        for p, q in zip(ours, theirs):
+            g = torch.randn_like(p) * 1e-2  # comparable to eps, so eps matters
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
-    monkeypatch.setattr(muon_module, "_is_dtensor", lambda tensor: True)
-    with pytest.raises(TypeError, match="FSDP2"):
-        MuonWithAdamW([{"params": [nn.Parameter(torch.randn(3, 3))], "use_muon": True}])
+
+def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_lm, token_batches, loss_of):
+    batches = token_batches(6)
+    model = tiny_lm().to(torch.bfloat16)
+    options = {"lr": 0.02, "adamw_lr": 1e-2, "update_rule": "normuon"}
+    optimizer = MuonWithAdamW.from_model(model, **options)
+    train(model, optimizer, batches[:3], loss_of)
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, saved)
+    train(model, optimizer, batches[3:], loss_of)
+
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed = tiny_lm(seed=5).to(torch.bfloat16)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = MuonWithAdamW.from_model(resumed, **options)
+    resumed_optimizer.load_state_dict(checkpoint["optim"])
+    moments = [s["neuron_second_moment"] for s in resumed_optimizer.state.values() if "neuron_second_moment" in s]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    train(resumed, resumed_optimizer, batches[3:], loss_of)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
