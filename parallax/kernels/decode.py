@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .blockwise import compute_dtype, parallax_weights
+from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
 from .checks import check_backend, check_same, check_scale, check_tensor, check_window
 from .reference import keys_visible
 
@@ -185,7 +185,9 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
 
 
 def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size):
-    """Dense float32 attention of q, r against the first `seqlens` [B] cached keys."""
+    """Dense float32 attention of q, r against the first `seqlens` [B] cached
+    keys, in chunks of query rows so a long prefill through the cache keeps
+    its score blocks near SCORE_BLOCK_ELEMENTS."""
     B, Tq, HQ, D = q.shape
     dtype = compute_dtype(q)
     K = _logical_cache(k_cache, block_table).to(dtype)
@@ -193,13 +195,17 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
-    pos = seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)  # [B, Tq]
     key_pos = torch.arange(K.shape[1], device=q.device)
-    visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
-    p, s2, sbar = parallax_weights(qg, rg, K, visible[:, None, None], scale)  # mask as [B, 1, 1, Tq, S]
-    w = p * (1.0 + sbar - s2)
-    o = torch.einsum("bkgts,bskd->btkgd", w, V)
-    return o.reshape(B, Tq, HQ, D).to(q.dtype)
+    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * HQ * K.shape[1]))
+    out = []
+    for t0 in range(0, Tq, rows):
+        t1 = min(Tq, t0 + rows)
+        pos = seqlens.long()[:, None] - Tq + torch.arange(t0, t1, device=q.device)  # [B, rows]
+        visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
+        p, s2, sbar = parallax_weights(qg[:, t0:t1], rg[:, t0:t1], K, visible[:, None, None], scale)
+        w = p * (1.0 + sbar - s2)
+        out.append(torch.einsum("bkgts,bskd->btkgd", w, V))
+    return torch.cat(out, dim=1).reshape(B, Tq, HQ, D).to(q.dtype)
 
 
 def parallax_attn_with_kvcache(

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from parallax import ParallaxAttention, parallax_attn, parallax_attn_with_kvcache, parallax_reference
+from parallax.kernels import decode as decode_module
 from parallax.kernels import triton_decode as triton_decode_module
 from parallax.kernels.triton_decode import triton_decode
 
@@ -233,6 +234,18 @@ def test_decode_equals_last_rows_of_parallax_attn(Tq, window_size):
     out = parallax_attn_with_kvcache(q[:, -Tq:], r[:, -Tq:], k_cache, v_cache, k=k[:, -Tq:], v=v[:, -Tq:],
                                      cache_seqlens=seqlens, window_size=window_size, backend="triton")
     torch.testing.assert_close(out, full[:, -Tq:], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_prefill_in_row_chunks(monkeypatch):
+    """A long chunk through the cache (prefill) is computed a few query rows
+    at a time by the torch path; the rows agree with one block for all."""
+    q, r, k_cache, v_cache = make_inputs(2, 40, 4, 2, 16, 13, torch.float32)
+    seqlens = torch.tensor([27, 20], dtype=torch.int32, device=DEVICE)
+    kwargs = dict(cache_seqlens=seqlens, window_size=9, backend="torch")
+    whole = parallax_attn_with_kvcache(q, r, k_cache, v_cache, **kwargs)
+    monkeypatch.setattr(decode_module, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 40 * 3)  # 3 rows per block
+    torch.testing.assert_close(parallax_attn_with_kvcache(q, r, k_cache, v_cache, **kwargs), whole,
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_layer_decoding_chunk_by_chunk_equals_one_call():
