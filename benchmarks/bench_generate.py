@@ -8,7 +8,7 @@ decode step captured in a CUDA graph and replayed (no host overhead per step).
     python -m benchmarks.bench_generate [--device cpu|cuda] [--new-tokens N] [--repeats R]
 
 CPU (the torch path): the "tiny" preset (2 layers, width 32, 2 heads of 16),
-float32, 8 new tokens, one run per cell, and no B=32 x 4096 cell: its prefill
+float32, 8 new tokens, medians of 3 runs, and no B=32 x 4096 cell: its prefill
 goes through the dense torch cache path and takes minutes on 2 cores (pass
 --max-prefill-tokens 131072 to run it); the rest takes a few minutes. CUDA:
 the "125m" preset (12 layers, width 896, 14 heads of 64), bfloat16, 128 new
@@ -39,7 +39,7 @@ BATCHES = (1, 32)
 PROMPTS = (512, 4096)
 KINDS = ("parallax", "softmax")
 SETTINGS = {  # device type: (preset, dtype, new tokens, repeats, most prompt tokens B * T)
-    "cpu": ("tiny", torch.float32, 8, 1, 16384),
+    "cpu": ("tiny", torch.float32, 8, 3, 16384),
     "cuda": ("125m", torch.bfloat16, 128, 3, None),
 }
 # Decode vs full forward, relative to the logits' scale: float32 agrees to
@@ -173,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
-    parser.add_argument("--repeats", type=int, default=None, help="default: 1 on CPU, 3 on CUDA")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3")
     parser.add_argument("--prompts", type=int, nargs="+", default=list(PROMPTS))
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
