@@ -318,7 +318,7 @@ def launch_config(head_dim: int, dtype: torch.dtype, group_rows: int) -> dict:
         return dict(PAIRS=MIN_PAIRS, BLOCK_N=64 if small else 16, num_warps=4, num_stages=3 if small else 2)
     cap = min(MAX_PAIRS, max(MIN_PAIRS, MAX_ROWS_TIMES_D // (2 * head_dim)))
     pairs = min(max(triton.next_power_of_2(group_rows), MIN_PAIRS), cap)
-    big_tile = head_dim > 128 or pairs >= 16
+    big_tile = pairs >= 16  # 8 warps; at D=256 with 8 pairs they would spill
     return dict(PAIRS=pairs, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=8 if big_tile else 4,
                 num_stages=2 if big_tile else 3)
 
