@@ -1,6 +1,8 @@
 """`parallax_attn_with_kvcache`: the split-KV Triton kernel and the torch path
-against a float64 recomputation, paged == contiguous, in-place append, decode ==
-the last rows of `parallax_attn`, and bad input that must leave the cache alone.
+against a float64 recomputation, capacity far above the filled length, one
+split (no merge) == many, paged == contiguous, in-place append, decode == the
+last rows of `parallax_attn`, bad input that must leave the cache alone, and
+the kernel's own guard when values are not checked on the host.
 
 On CPU the kernel runs in the Triton interpreter, in float32 and float16 (its
 bfloat16 `tl.dot` is wrong); bfloat16, long caches and CUDA graphs are `gpu`.
@@ -444,8 +446,10 @@ def test_gpu_capacity_32k_filled_4k(B, HQ, HK):
     with 8 KV heads fills the device with one split (no merge)."""
     S, D = 32768, 128
     lengths = [4096 - 37 * b for b in range(B)]
-    q, r, k_cache, v_cache = make_inputs(B, S, HQ, HK, D, 1, torch.bfloat16)
+    q, r, _, _ = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16)
     _, _, k_new, v_new = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16, seed=1)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)  # GiBs of cache: drawn on the device
+    k_cache, v_cache = (torch.randn(B, S, HK, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens)
     grown = [L + 1 for L in lengths]
