@@ -88,8 +88,10 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"cu_seqlens needs q packed into batch 1, got batch {q.shape[0]}")
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"cu_seqlens needs k with the sequence length of q ({q.shape[1]}), got {k.shape[1]}")
-    if torch.compiler.is_compiling():
-        return  # reading the values would synchronise and break the graph
+    if cu_seqlens.is_cuda or torch.compiler.is_compiling():
+        # Reading the values would wait for the device (and break a traced graph).
+        assert_cu_seqlens_async(cu_seqlens, q.shape[1])
+        return
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[1]:
         raise ValueError(
@@ -97,3 +99,12 @@ def check_cu_seqlens(cu_seqlens, q: torch.Tensor, k: torch.Tensor) -> None:
         )
     if any(b < a for a, b in zip(bounds, bounds[1:])):
         raise ValueError("cu_seqlens must be non-decreasing")
+
+
+def assert_cu_seqlens_async(cu_seqlens: torch.Tensor, total: int) -> None:
+    """The value checks of `check_cu_seqlens` on the device, without waiting
+    for it: a device-side assert on CUDA (fatal to the process, as an index
+    out of range), a RuntimeError on CPU."""
+    ends_ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total)
+    torch._assert_async(ends_ok, f"cu_seqlens must start at 0 and end at the total length {total}")
+    torch._assert_async((cu_seqlens[1:] >= cu_seqlens[:-1]).all(), "cu_seqlens must be non-decreasing")

@@ -12,17 +12,19 @@ and serves CPU tensors and inputs the kernel does not take.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 
-from .blockwise import compute_dtype, parallax_weights
+from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
 from .checks import check_backend, check_same, check_scale, check_tensor, check_window
 from .reference import keys_visible
 
 
-def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend):
+def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend,
+              check_values):
     layout = "[batch, seq, heads, head_dim]"
     check_tensor("q", q, 4, layout)
     check_tensor("r", r, 4, layout)
@@ -79,8 +81,9 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
     check_scale(scale)
     check_window(window_size)
     check_backend(backend)
-    if _reading_values_is_allowed(q):
-        _check_values(cache_seqlens, block_table, Tq if k is not None else 0, capacity, k_cache.shape[0])
+    if check_values is not None and not isinstance(check_values, bool):
+        raise TypeError(f"check_values must be None, True or False, got {check_values!r}")
+    return capacity
 
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,6 +104,11 @@ def _triton_unsupported(q) -> Exception | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _uses_triton(backend, q) -> bool:
     """Resolve the backend before anything is written to the cache: an explicit
     'triton' the kernel cannot serve raises; the default falls back to torch."""
@@ -111,15 +119,29 @@ def _uses_triton(backend, q) -> bool:
         if reason is not None:
             raise reason
         return True
-    return q.is_cuda and reason is None and importlib.util.find_spec("triton") is not None
+    return q.is_cuda and reason is None and _triton_installed()
 
 
-def _reading_values_is_allowed(q) -> bool:
-    """Value checks synchronise with the device, so they are skipped while a
-    CUDA graph is captured or torch.compile traces."""
-    if torch.compiler.is_compiling():
+def _reads_values(check_values, use_triton, cache_seqlens) -> bool:
+    """Whether the host reads cache_seqlens and block_table before the call.
+
+    Reading device memory waits for the device, so by default the Triton
+    kernel on CUDA does not: it guards itself (see `triton_decode.py`: never
+    outside the cache; a sequence with an invalid length gets NaN rows and no
+    append). The torch path and CPU tensors (the interpreter) read them, which
+    costs nothing there. Nothing is read while a CUDA graph is captured or
+    torch.compile traces. check_values=True reads them always (a ValueError
+    before anything is written), False never.
+    """
+    capturing = cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if check_values is not None:
+        if check_values and (capturing or torch.compiler.is_compiling()):
+            raise ValueError("check_values=True reads cache_seqlens on the host, which cannot happen while a "
+                             "CUDA graph is captured or torch.compile traces; pass check_values=None")
+        return check_values
+    if capturing or torch.compiler.is_compiling():
         return False
-    return not (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not (use_triton and cache_seqlens.is_cuda)
 
 
 def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
@@ -163,7 +185,9 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
 
 
 def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size):
-    """Dense float32 attention of q, r against the first `seqlens` [B] cached keys."""
+    """Dense float32 attention of q, r against the first `seqlens` [B] cached
+    keys, in chunks of query rows so a long prefill through the cache keeps
+    its score blocks near SCORE_BLOCK_ELEMENTS."""
     B, Tq, HQ, D = q.shape
     dtype = compute_dtype(q)
     K = _logical_cache(k_cache, block_table).to(dtype)
@@ -171,18 +195,22 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
-    pos = seqlens.long()[:, None] - Tq + torch.arange(Tq, device=q.device)  # [B, Tq]
     key_pos = torch.arange(K.shape[1], device=q.device)
-    visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
-    p, s2, sbar = parallax_weights(qg, rg, K, visible[:, None, None], scale)  # mask as [B, 1, 1, Tq, S]
-    w = p * (1.0 + sbar - s2)
-    o = torch.einsum("bkgts,bskd->btkgd", w, V)
-    return o.reshape(B, Tq, HQ, D).to(q.dtype)
+    rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * HQ * K.shape[1]))
+    out = []
+    for t0 in range(0, Tq, rows):
+        t1 = min(Tq, t0 + rows)
+        pos = seqlens.long()[:, None] - Tq + torch.arange(t0, t1, device=q.device)  # [B, rows]
+        visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
+        p, s2, sbar = parallax_weights(qg[:, t0:t1], rg[:, t0:t1], K, visible[:, None, None], scale)
+        w = p * (1.0 + sbar - s2)
+        out.append(torch.einsum("bkgts,bskd->btkgd", w, V))
+    return torch.cat(out, dim=1).reshape(B, Tq, HQ, D).to(q.dtype)
 
 
 def parallax_attn_with_kvcache(
     q, r, k_cache, v_cache, *, k=None, v=None, cache_seqlens, scale=None, window_size=None,
-    block_table=None, backend=None,
+    block_table=None, backend=None, check_values=None,
 ):
     """Parallax attention of Tq >= 1 new queries against a KV cache.
 
@@ -199,12 +227,22 @@ def parallax_attn_with_kvcache(
         backend: None (the split-KV Triton kernel for CUDA tensors it supports:
             float16/bfloat16/float32, head_dim a power of two in [16, 256];
             torch otherwise), "torch" or "triton".
+        check_values: whether the host reads cache_seqlens and block_table to
+            reject out-of-range values with a ValueError before anything is
+            written. None (default): yes for the torch path and CPU tensors,
+            no for the Triton kernel on CUDA, which never synchronises with
+            the device (it never touches memory outside the cache; a sequence
+            with an out-of-range length gets NaN rows and no append). True:
+            always (one device synchronisation); False: never.
 
     Returns [B, Tq, HQ, D] in q's dtype. cache_seqlens is not advanced: the
     caller owns it (add Tq after the call).
     """
-    _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend)
+    capacity = _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend,
+                         check_values)
     use_triton = _uses_triton(backend, q)
+    if _reads_values(check_values, use_triton, cache_seqlens):
+        _check_values(cache_seqlens, block_table, q.shape[1] if k is not None else 0, capacity, k_cache.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_triton:
         from .triton_decode import triton_decode  # lazy: the torch path works without triton

@@ -5,12 +5,27 @@ query tile packs every query head of the KV group, every new query position,
 and for each of them the q row and the r row (interleaved: row 2i is q_i, row
 2i+1 is r_i), so one `tl.dot` against a K tile yields s1 and s2 and one
 `tl.dot` of [P1; P2] against the V tile yields both value accumulators: each
-cache byte is read once per KV head. The partial (m, d1, d2, O1, O2) of every
-split goes to a float32 workspace; kernel 2 merges the splits of each query row
-by their log-sum-exp and forms o = O1/d1 (1 + d2/d1) - O2/d1.
+cache byte is read once per KV head.
 
-The number of splits depends only on shapes (never on cache_seqlens values),
-so a launch needs no host synchronisation and can be captured in a CUDA graph.
+The streaming loop reads the cache only, over this split's share of the keys
+the row block can see; the share is computed on the device from
+`cache_seqlens`, so a cache filled far below its capacity still spreads its
+keys over every split. The new tokens of an append are one epilogue tile of
+the last split, read from k, v and written into the cache by one program per
+(batch, kv head): the loop reads positions below `cache_seqlens`, the
+epilogue writes at and above it, so no program reads a slot another writes.
+
+With one split the kernel writes o = O1/d1 (1 + d2/d1) - O2/d1 itself;
+otherwise every split writes its partial (m, d1, d2, O1, O2) to a float32
+workspace and kernel 2 merges the splits of each query row by their
+log-sum-exp. The number of splits depends only on shapes, so a launch needs no
+host synchronisation and can be captured in a CUDA graph.
+
+The kernel never reads or writes outside the cache, whatever the values of
+`cache_seqlens` and `block_table` (the host reads them only where that does
+not wait for a GPU; see `decode.py`): a sequence whose length is out of range,
+or one of whose block table entries in use is out of range, gets NaN rows and
+no append (the last split vets the entries; a loop masks any bad one it meets).
 """
 from __future__ import annotations
 
@@ -23,43 +38,55 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # A split should stream enough keys to amortise writing its partial and
-# loading its query tile.
+# loading its query tile (used to cap the shape-based split count).
 MIN_TILES_PER_SPLIT = 4
 # Row pairs (q row + r row) per program, capped so the [2 * pairs, D] float32
-# accumulator stays in registers.
+# accumulator stays in registers (sm_90 compiles: no spills at these caps).
 MIN_PAIRS = 8  # tl.dot needs at least 16 rows
+MAX_PAIRS = 64
 MAX_ROWS_TIMES_D = 64 * 128
+# New tokens per epilogue tile (tl.dot needs at least 16); more loop.
+NEW_TILE = tl.constexpr(16)
+# Block table entries vetted at once.
+TABLE_TILE = tl.constexpr(64)
 # Splits the merge reads at once (a [block, D] float32 tile per accumulator).
 MERGE_SPLIT_BLOCK = 16
 
 
 @triton.jit
-def _kv_tile(CACHE, NEW, cache_offsets, new_offsets, from_cache, is_new, APPEND: tl.constexpr):
-    """A [BLOCK_N, D] tile of keys (or values). With APPEND, this call's new
-    tokens come from NEW, not the cache, and are written into the cache: the
-    append costs no launch, and no program reads a slot another one writes."""
-    tile = tl.load(CACHE + cache_offsets, mask=from_cache[:, None], other=0.0)
-    if APPEND:
-        new = tl.load(NEW + new_offsets, mask=is_new[:, None], other=0.0)
-        # Programs whose ranges share a new token store the same bytes.
-        tl.store(CACHE + cache_offsets, new, mask=is_new[:, None])
-        tile = tl.where(is_new[:, None], new, tile)
-    return tile
+def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
+            PAIRS: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile of the online-softmax recurrence, in base 2, for the
+    interleaved [q; r] rows: returns the updated (m, d, acc)."""
+    scores = tl.dot(qr, tl.trans(k), input_precision=DOT_PRECISION)
+    s1, s2 = tl.split(tl.permute(tl.reshape(scores, (PAIRS, 2, BLOCK)), (0, 2, 1)))
+    s1 = tl.where(visible, s1 * qk_scale_log2, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s1, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+    alpha = tl.math.exp2(m - m_safe)
+    p1 = tl.math.exp2(s1 - m_safe[:, None])
+    p = tl.reshape(tl.permute(tl.join(p1, p1 * s2), (0, 2, 1)), (2 * PAIRS, BLOCK))
+    alpha_rows = tl.reshape(tl.join(alpha, alpha), (2 * PAIRS,))
+    d = d * alpha_rows + tl.sum(p, 1)
+    acc = acc * alpha_rows[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, d, acc
 
 
 @triton.jit
 def _split_kernel(
-    Q, R, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, PART_M, PART_D, PART_O,
+    Q, R, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, PART_M, PART_D, PART_O, O,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_rb, stride_rt, stride_rh, stride_rd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_knb, stride_knt, stride_knh, stride_knd,
     stride_vnb, stride_vnt, stride_vnh, stride_vnd,
+    stride_ob, stride_ot, stride_oh, stride_od,
     stride_table_b,
-    qk_scale_log2, window, capacity, num_queries, num_kv_heads, num_row_blocks, num_splits, split_len,
+    qk_scale_log2, window, capacity, num_blocks, num_queries, num_kv_heads, num_row_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -70,26 +97,38 @@ def _split_kernel(
     batch = rest // num_kv_heads
 
     group_rows = GROUP * num_queries
-    cached = tl.load(SEQLENS + batch)
-    length = cached + num_queries if APPEND else cached  # keys in the sequence after the append
+    new_tokens = num_queries if APPEND else 0
+    seqlen = tl.load(SEQLENS + batch)
+    seq_ok = (seqlen >= 0) & (seqlen <= capacity - new_tokens)
+    cached = tl.where(seq_ok, seqlen, 0)  # an invalid length reads nothing
+    length = cached + new_tokens  # keys in the sequence after the append
     first_pair = row_block * PAIRS
+    # The last split also attends to the new tokens (one of its programs
+    # writes them) and vets the sequence's block table entries.
+    is_last = split == num_splits - 1
 
-    # Keys this row block can see: from the window start of its earliest query
-    # to its latest query; clip to this split's slice of the cache.
+    # Cached keys this row block can see: from the window start of its earliest
+    # query to its latest query, below `cached`.
     earliest_pos = length - num_queries + first_pair // GROUP
     latest_pos = length - num_queries + (tl.minimum(first_pair + PAIRS, group_rows) - 1) // GROUP
-    lo = tl.maximum(split * split_len, tl.maximum(earliest_pos - window + 1, 0))
-    # Lengths are only checked outside CUDA graphs: never touch memory past the cache.
-    hi = tl.minimum(tl.minimum((split + 1) * split_len, latest_pos + 1), capacity)
+    key_lo = tl.maximum(earliest_pos - window + 1, 0)
+    key_hi = tl.minimum(latest_pos + 1, cached)
+    # This split's share, in whole tiles aligned to BLOCK_N, of the tiles of [key_lo, key_hi).
+    first_tile = key_lo // BLOCK_N
+    num_tiles = tl.maximum(tl.cdiv(key_hi, BLOCK_N) - first_tile, 0)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    lo = (first_tile + split * tiles_per_split) * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, key_hi)
 
     pair = first_pair + tl.arange(0, PAIRS)
     pair_valid = pair < group_rows
     part_row = ((batch * num_kv_heads + kv_head) * num_splits + split) * group_rows + pair
     m = tl.full([PAIRS], float("-inf"), tl.float32)
-    if lo >= hi:
-        # Nothing visible here: only the max is written; the merge skips this split.
-        tl.store(PART_M + part_row, m, mask=pair_valid)
-        return
+    if not SINGLE_SPLIT:
+        if (lo >= hi) & ~is_last:
+            # Nothing visible here: only the max is written; the merge skips this split.
+            tl.store(PART_M + part_row, m, mask=pair_valid)
+            return
 
     # Interleaved row layout of the packed tile: row 2i is q of pair i, 2i+1 its r.
     row = tl.arange(0, 2 * PAIRS)
@@ -108,52 +147,89 @@ def _split_kernel(
     pos = length - num_queries + pair // GROUP  # position of each pair's query
     d = tl.zeros([2 * PAIRS], tl.float32)
     acc = tl.zeros([2 * PAIRS, HEAD_DIM], tl.float32)
+    bad_blocks = tl.zeros([], tl.int32)  # block table entries out of range met by this program
     for start in range(lo, hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
         in_range = key < hi
         if PAGED:
             block = tl.load(BLOCK_TABLE + batch * stride_table_b + key // PAGE_SIZE, mask=in_range, other=0)
+            block_ok = (block >= 0) & (block < num_blocks)
+            bad_blocks += tl.sum((in_range & ~block_ok).to(tl.int32), 0)
+            in_range = in_range & block_ok
             k_row = block.to(tl.int64) * stride_kb + (key % PAGE_SIZE) * stride_ks
             v_row = block.to(tl.int64) * stride_vb + (key % PAGE_SIZE) * stride_vs
         else:
             k_row = batch.to(tl.int64) * stride_kb + key.to(tl.int64) * stride_ks
             v_row = batch.to(tl.int64) * stride_vb + key.to(tl.int64) * stride_vs
-        is_new = in_range & (key >= cached) if APPEND else key < 0
-        from_cache = in_range & ~is_new
-        new_t = key - cached  # the new token's index in k, v
-        k = _kv_tile(
-            K, K_NEW,
-            k_row[:, None] + kv_head * stride_kh + dim[None, :] * stride_kd,
-            batch * stride_knb + new_t[:, None] * stride_knt + kv_head * stride_knh + dim[None, :] * stride_knd,
-            from_cache, is_new, APPEND,
-        )
-        v = _kv_tile(
-            V, V_NEW,
-            v_row[:, None] + kv_head * stride_vh + dim[None, :] * stride_vd,
-            batch * stride_vnb + new_t[:, None] * stride_vnt + kv_head * stride_vnh + dim[None, :] * stride_vnd,
-            from_cache, is_new, APPEND,
-        )
-
-        scores = tl.dot(qr, tl.trans(k), input_precision=DOT_PRECISION)
-        s1, s2 = tl.split(tl.permute(tl.reshape(scores, (PAIRS, 2, BLOCK_N)), (0, 2, 1)))
+        k = tl.load(K + k_row[:, None] + kv_head * stride_kh + dim[None, :] * stride_kd,
+                    mask=in_range[:, None], other=0.0)
+        v = tl.load(V + v_row[:, None] + kv_head * stride_vh + dim[None, :] * stride_vd,
+                    mask=in_range[:, None], other=0.0)
         visible = (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window)
         visible = visible & in_range[None, :] & pair_valid[:, None]
-        s1 = tl.where(visible, s1 * qk_scale_log2, float("-inf"))
+        m, d, acc = _attend(qr, k, v, visible, m, d, acc, qk_scale_log2, PAIRS, BLOCK_N, DOT_PRECISION)
 
-        m_new = tl.maximum(m, tl.max(s1, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        alpha = tl.math.exp2(m - m_safe)
-        p1 = tl.math.exp2(s1 - m_safe[:, None])
-        p = tl.reshape(tl.permute(tl.join(p1, p1 * s2), (0, 2, 1)), (2 * PAIRS, BLOCK_N))
-        alpha_rows = tl.reshape(tl.join(alpha, alpha), (2 * PAIRS,))
-        d = d * alpha_rows + tl.sum(p, 1)
-        acc = acc * alpha_rows[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    if PAGED:
+        if is_last:
+            # Every entry the sequence uses must be in range, else no append
+            # and NaN rows (the merge spreads them from this split to all).
+            used = tl.cdiv(length, PAGE_SIZE)
+            for first in range(0, used, TABLE_TILE):
+                index = first + tl.arange(0, TABLE_TILE)
+                in_use = index < used
+                entry = tl.load(BLOCK_TABLE + batch * stride_table_b + index, mask=in_use, other=0)
+                bad_blocks += tl.sum((in_use & ((entry < 0) | (entry >= num_blocks))).to(tl.int32), 0)
 
-    tl.store(PART_M + part_row, m, mask=pair_valid)
-    part_acc_row = 2 * (((batch * num_kv_heads + kv_head) * num_splits + split) * group_rows + first_pair) + row
-    tl.store(PART_D + part_acc_row, d, mask=row_valid)
-    tl.store(PART_O + part_acc_row.to(tl.int64)[:, None] * HEAD_DIM + dim[None, :], acc, mask=row_valid[:, None])
+    if APPEND:
+        if is_last:
+            # The new tokens, NEW_TILE at a time (one tile for decode): read
+            # from k, v; written into the cache by row block 0 only.
+            writable = tl.where(seq_ok & (bad_blocks == 0), num_queries, 0)
+            for first_new in range(0, num_queries, NEW_TILE):
+                t = first_new + tl.arange(0, NEW_TILE)
+                t_valid = t < num_queries
+                key = cached + t
+                k = tl.load(K_NEW + batch * stride_knb + t[:, None] * stride_knt + kv_head * stride_knh
+                            + dim[None, :] * stride_knd, mask=t_valid[:, None], other=0.0)
+                v = tl.load(V_NEW + batch * stride_vnb + t[:, None] * stride_vnt + kv_head * stride_vnh
+                            + dim[None, :] * stride_vnd, mask=t_valid[:, None], other=0.0)
+                visible = (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window)
+                visible = visible & t_valid[None, :] & pair_valid[:, None]
+                m, d, acc = _attend(qr, k, v, visible, m, d, acc, qk_scale_log2, PAIRS, NEW_TILE, DOT_PRECISION)
+                if row_block == 0:
+                    write = t < writable  # (not `t_valid & ok`: the interpreter rejects a mask made so)
+                    if PAGED:
+                        block = tl.load(BLOCK_TABLE + batch * stride_table_b + key // PAGE_SIZE, mask=write, other=0)
+                        k_row = block.to(tl.int64) * stride_kb + (key % PAGE_SIZE) * stride_ks
+                        v_row = block.to(tl.int64) * stride_vb + (key % PAGE_SIZE) * stride_vs
+                    else:
+                        k_row = batch.to(tl.int64) * stride_kb + key.to(tl.int64) * stride_ks
+                        v_row = batch.to(tl.int64) * stride_vb + key.to(tl.int64) * stride_vs
+                    tl.store(K + k_row[:, None] + kv_head * stride_kh + dim[None, :] * stride_kd, k,
+                             mask=write[:, None])
+                    tl.store(V + v_row[:, None] + kv_head * stride_vh + dim[None, :] * stride_vd, v,
+                             mask=write[:, None])
+
+    poisoned = (~seq_ok) | (bad_blocks > 0)
+    if SINGLE_SPLIT:
+        d1, d2 = tl.split(tl.reshape(d, (PAIRS, 2)))
+        o1, o2 = tl.split(tl.permute(tl.reshape(acc, (PAIRS, 2, HEAD_DIM)), (0, 2, 1)))
+        no_key = d1 == 0.0  # every key masked (or an empty cache): the output is 0
+        inv_d1 = 1.0 / tl.where(no_key, 1.0, d1)
+        out = o1 * inv_d1[:, None] * (1.0 + d2 * inv_d1)[:, None] - o2 * inv_d1[:, None]
+        out = tl.where(no_key[:, None], 0.0, out)
+        out = tl.where(poisoned, float("nan"), out)
+        pair_t = pair // GROUP
+        pair_head = kv_head * GROUP + pair % GROUP
+        o_ptrs = O + batch * stride_ob + pair_t[:, None] * stride_ot + pair_head[:, None] * stride_oh
+        tl.store(o_ptrs + dim[None, :] * stride_od, out.to(O.dtype.element_ty), mask=pair_valid[:, None])
+    else:
+        # m = +inf marks a poisoned partial: the merge turns it into NaN rows.
+        tl.store(PART_M + part_row, tl.where(poisoned, float("inf"), m), mask=pair_valid)
+        part_acc_row = 2 * (((batch * num_kv_heads + kv_head) * num_splits + split) * group_rows + first_pair) + row
+        tl.store(PART_D + part_acc_row, d, mask=row_valid)
+        tl.store(PART_O + part_acc_row.to(tl.int64)[:, None] * HEAD_DIM + dim[None, :], acc,
+                 mask=row_valid[:, None])
 
 
 @triton.jit
@@ -189,7 +265,9 @@ def _merge_kernel(
         split = first + split_offsets
         row = (first_part + split) * group_rows + pair
         m_s = tl.load(PART_M + row, mask=split < num_splits, other=float("-inf"))
-        has_keys = m_s > float("-inf")  # splits without visible keys wrote only m
+        # Splits without visible keys wrote only m = -inf; a poisoned one
+        # (m = +inf) gives weight exp2(inf - inf) = NaN, so NaN rows.
+        has_keys = m_s > float("-inf")
         weight = tl.where(has_keys, tl.math.exp2(m_s - m_ref), 0.0)
         d1 += weight * tl.load(PART_D + 2 * row, mask=has_keys, other=0.0)
         d2 += weight * tl.load(PART_D + 2 * row + 1, mask=has_keys, other=0.0)
@@ -224,24 +302,31 @@ def _programs_to_fill(device: torch.device) -> int:
 
 def default_num_splits(batch_kv_programs: int, capacity: int, block_n: int, device: torch.device) -> int:
     """Splits per sequence from shapes only: enough programs to fill the device,
-    never so many that a split streams fewer than MIN_TILES_PER_SPLIT tiles."""
+    never more than a full cache could give MIN_TILES_PER_SPLIT tiles each.
+    The keys each split streams are set on the device from the lengths."""
     wanted = max(1, _programs_to_fill(device) // batch_kv_programs)
     most = max(1, math.ceil(capacity / (MIN_TILES_PER_SPLIT * block_n)))
     return min(wanted, most)
 
 
-def _block_n(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
-
-
-def _pairs_per_program(group_rows: int, head_dim: int) -> int:
-    cap = max(MIN_PAIRS, MAX_ROWS_TIMES_D // (2 * head_dim))
-    return min(max(triton.next_power_of_2(group_rows), MIN_PAIRS), cap)
+def launch_config(head_dim: int, dtype: torch.dtype, group_rows: int) -> dict:
+    """Tile sizes and launch options of the split kernel. Chosen from sm_90
+    compiles (`ptxas -v`): none spills registers or nears 227 KB of shared
+    memory. float32 runs `tl.dot` on FMA units and needs smaller tiles."""
+    if dtype == torch.float32:
+        small = head_dim <= 128
+        return dict(PAIRS=MIN_PAIRS, BLOCK_N=64 if small else 16, num_warps=4, num_stages=3 if small else 2)
+    cap = min(MAX_PAIRS, max(MIN_PAIRS, MAX_ROWS_TIMES_D // (2 * head_dim)))
+    pairs = min(max(triton.next_power_of_2(group_rows), MIN_PAIRS), cap)
+    big_tile = pairs >= 16  # 8 warps; at D=256 with 8 pairs they would spill
+    return dict(PAIRS=pairs, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=8 if big_tile else 4,
+                num_stages=2 if big_tile else 3)
 
 
 def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None, v=None, scale: float,
                   window_size: int | None, num_splits: int | None = None) -> torch.Tensor:
-    """Launch the split and merge kernels; inputs are already validated.
+    """Launch the split kernel, and the merge kernel when there is more than
+    one split; inputs are already validated (shapes; values need not be).
 
     With k, v the split kernel also writes them into the cache at
     cache_seqlens (in place, as the torch path's append), and the sequence
@@ -255,37 +340,38 @@ def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None,
     paged = block_table is not None
     page_size = k_cache.shape[1] if paged else 1  # a constexpr: keep it fixed for contiguous caches
     capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
-    block_n = _block_n(D)
-    pairs = _pairs_per_program(group_rows, D)
-    num_row_blocks = triton.cdiv(group_rows, pairs)
+    config = launch_config(D, q.dtype, group_rows)
+    num_row_blocks = triton.cdiv(group_rows, config["PAIRS"])
     if num_splits is None:
-        num_splits = default_num_splits(B * HK * num_row_blocks, capacity, block_n, q.device)
-    # Whole tiles per split, so splits never share a key tile.
-    split_len = triton.cdiv(triton.cdiv(capacity, num_splits), block_n) * block_n
+        num_splits = default_num_splits(B * HK * num_row_blocks, capacity, config["BLOCK_N"], q.device)
+    single = num_splits == 1
     # Every visible key lies within capacity positions of its query.
     window = capacity + Tq if window_size is None else min(window_size, capacity + Tq)
 
-    parts = B * HK * num_splits * group_rows
-    part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
-    part_d = torch.empty(2 * parts, dtype=torch.float32, device=q.device)
-    part_o = torch.empty(2 * parts, D, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
+    if single:  # no workspace: the split kernel writes the output
+        part_m = part_d = part_o = out
+    else:
+        parts = B * HK * num_splits * group_rows
+        part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
+        part_d = torch.empty(2 * parts, dtype=torch.float32, device=q.device)
+        part_o = torch.empty(2 * parts, D, dtype=torch.float32, device=q.device)
     table = block_table if paged else cache_seqlens  # unused placeholder pointer when contiguous
     append = k is not None
     k_new, v_new = (k, v) if append else (k_cache, v_cache)  # placeholders, never read without APPEND
     precision = "ieee" if q.dtype == torch.float32 else None  # float32 caches must not round to tf32
-    big_tile = D > 128 or pairs > 16
     _split_kernel[(B * HK * num_row_blocks * num_splits,)](
-        q, r, k_cache, v_cache, k_new, v_new, cache_seqlens, table, part_m, part_d, part_o,
+        q, r, k_cache, v_cache, k_new, v_new, cache_seqlens, table, part_m, part_d, part_o, out,
         *q.stride(), *r.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
-        table.stride(0),
-        scale * LOG2E, window, capacity, Tq, HK, num_row_blocks, num_splits, split_len,
-        GROUP=group, HEAD_DIM=D, PAIRS=pairs, BLOCK_N=block_n, PAGE_SIZE=page_size, PAGED=paged, APPEND=append,
-        DOT_PRECISION=precision, num_warps=8 if big_tile else 4, num_stages=2 if big_tile else 3,
+        *out.stride(), table.stride(0),
+        scale * LOG2E, window, capacity, k_cache.shape[0], Tq, HK, num_row_blocks, num_splits,
+        GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, PAGED=paged, APPEND=append, SINGLE_SPLIT=single,
+        DOT_PRECISION=precision, **config,
     )
-    _merge_kernel[(B * HK * group_rows,)](
-        part_m, part_d, part_o, out, *out.stride(), Tq, HK, num_splits,
-        GROUP=group, HEAD_DIM=D, SPLIT_BLOCK=min(MERGE_SPLIT_BLOCK, max(2, triton.next_power_of_2(num_splits))),
-        num_warps=1 if D <= 64 else 2,
-    )
+    if not single:
+        _merge_kernel[(B * HK * group_rows,)](
+            part_m, part_d, part_o, out, *out.stride(), Tq, HK, num_splits,
+            GROUP=group, HEAD_DIM=D, SPLIT_BLOCK=min(MERGE_SPLIT_BLOCK, max(2, triton.next_power_of_2(num_splits))),
+            num_warps=1 if D <= 64 else 2,
+        )
     return out

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from parallax import parallax_attn, parallax_reference, softmax_attention
+from parallax.kernels.checks import assert_cu_seqlens_async
 
 
 def inputs(B=1, T=6, S=6, HQ=4, HK=2, D=8, dtype=torch.float32):
@@ -74,3 +75,31 @@ def test_bad_cu_seqlens(args, cu, error, pattern):
     with pytest.raises(error, match=pattern):
         softmax_attention(args[0], args[2], args[3], cu_seqlens=cu)
 
+
+
+@pytest.mark.parametrize("bounds, pattern", [
+    ((0, 2, 5), r"cu_seqlens must start at 0 and end at the total length 6"),
+    ((1, 2, 6), r"cu_seqlens must start at 0"),
+    ((0, 4, 2, 6), r"cu_seqlens must be non-decreasing"),
+])
+def test_device_side_cu_seqlens_checks(bounds, pattern):
+    """The checks CUDA tensors get instead of reading the values on the host
+    (a device-side assert there); on CPU the same assert raises at once."""
+    with pytest.raises(RuntimeError, match=pattern):
+        assert_cu_seqlens_async(torch.tensor(bounds, dtype=torch.int32), 6)
+    assert_cu_seqlens_async(CU, 6)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_call_never_waits_for_the_device():
+    """parallax_attn with cu_seqlens on CUDA checks the offsets without a host
+    synchronisation (sync debug mode turns any into an error)."""
+    q, r, k, v = (x.cuda() for x in inputs(T=6, S=6))
+    cu = CU.cuda()
+    parallax_attn(q, r, k, v, cu_seqlens=cu)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        parallax_attn(q, r, k, v, cu_seqlens=cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

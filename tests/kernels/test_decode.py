@@ -1,6 +1,8 @@
 """`parallax_attn_with_kvcache`: the split-KV Triton kernel and the torch path
-against a float64 recomputation, paged == contiguous, in-place append, decode ==
-the last rows of `parallax_attn`, and bad input that must leave the cache alone.
+against a float64 recomputation, capacity far above the filled length, one
+split (no merge) == many, paged == contiguous, in-place append, decode == the
+last rows of `parallax_attn`, bad input that must leave the cache alone, and
+the kernel's own guard when values are not checked on the host.
 
 On CPU the kernel runs in the Triton interpreter, in float32 and float16 (its
 bfloat16 `tl.dot` is wrong); bfloat16, long caches and CUDA graphs are `gpu`.
@@ -9,6 +11,8 @@ import pytest
 import torch
 
 from parallax import ParallaxAttention, parallax_attn, parallax_attn_with_kvcache, parallax_reference
+from parallax.kernels import decode as decode_module
+from parallax.kernels import triton_decode as triton_decode_module
 from parallax.kernels.triton_decode import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +91,68 @@ def test_splits_merge_to_the_same_result(num_splits, window_size):
     baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, scale=0.3,
                                           window_size=window_size, backend="torch")
     assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths, window_size, scale=0.3))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_capacity_far_above_the_filled_length(dtype, num_splits):
+    """A cache of capacity 512 filled to at most 45: every split shares the
+    filled keys (the ranges come from cache_seqlens on the device), slots past
+    the length hold NaN that must never reach the output, and the new tokens
+    come from k, v although their slots hold NaN too."""
+    S, HQ, HK, D, Tq = 512, 4, 2, 32, 3
+    lengths = [0, 1, 45]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), S, HQ, HK, D, Tq, dtype)
+    _, _, k_new, v_new = make_inputs(len(lengths), Tq, HQ, HK, D, Tq, dtype, seed=1)
+    for b, L in enumerate(lengths):
+        k_cache[b, L:], v_cache[b, L:] = float("nan"), float("nan")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = triton_decode(q, r, k_cache, v_cache, seqlens, None, k=k_new, v=v_new, scale=D**-0.5, window_size=None,
+                        num_splits=num_splits)
+    grown = [L + Tq for L in lengths]
+    assert all(torch.equal(k_cache[b, L : L + Tq], k_new[b]) for b, L in enumerate(lengths))
+    k_filled, v_filled = k_cache.nan_to_num(), v_cache.nan_to_num()  # the dense torch path multiplies 0 * NaN
+    baseline = parallax_attn_with_kvcache(q, r, k_filled, v_filled, cache_seqlens=seqlens + Tq, backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, grown))
+
+
+class CountingLaunches:
+    """Wraps a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_one_split_skips_the_merge_and_agrees_with_many(monkeypatch, paged):
+    """With one split the split kernel writes the output and the merge is not
+    launched; with many, the merge combines them to the same result."""
+    gen = torch.Generator().manual_seed(4)
+    S, HQ, HK, D, Tq = 96, 4, 1, 32, 2
+    lengths = [3, 93]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), S, HQ, HK, D, Tq, torch.float32)
+    _, _, k_new, v_new = make_inputs(len(lengths), Tq, HQ, HK, D, Tq, torch.float32, seed=1)
+    table = None
+    if paged:
+        k_cache, table = to_paged(k_cache, 16, gen)
+        v_cache, _ = to_paged(v_cache, 16, torch.Generator().manual_seed(4))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    merge = CountingLaunches(triton_decode_module._merge_kernel)
+    monkeypatch.setattr(triton_decode_module, "_merge_kernel", merge)
+    outs, caches = [], []
+    for num_splits, launches in ((1, 0), (3, 1)):
+        k_c, v_c = k_cache.clone(), v_cache.clone()
+        outs.append(triton_decode(q, r, k_c, v_c, seqlens, table, k=k_new, v=v_new, scale=0.2, window_size=50,
+                                  num_splits=num_splits))
+        caches.append((k_c, v_c))
+        assert merge.launches == launches
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for one, many in zip(*caches):
+        assert torch.equal(one, many)
 
 
 @pytest.mark.parametrize("D,HQ,HK,Tq", [(16, 2, 1, 1), (32, 4, 4, 3), (128, 4, 1, 1), (256, 8, 1, 3)])
@@ -172,6 +238,18 @@ def test_decode_equals_last_rows_of_parallax_attn(Tq, window_size):
     torch.testing.assert_close(out, full[:, -Tq:], rtol=1e-5, atol=1e-5)
 
 
+def test_torch_path_prefill_in_row_chunks(monkeypatch):
+    """A long chunk through the cache (prefill) is computed a few query rows
+    at a time by the torch path; the rows agree with one block for all."""
+    q, r, k_cache, v_cache = make_inputs(2, 40, 4, 2, 16, 13, torch.float32)
+    seqlens = torch.tensor([27, 20], dtype=torch.int32, device=DEVICE)
+    kwargs = dict(cache_seqlens=seqlens, window_size=9, backend="torch")
+    whole = parallax_attn_with_kvcache(q, r, k_cache, v_cache, **kwargs)
+    monkeypatch.setattr(decode_module, "SCORE_BLOCK_ELEMENTS", 2 * 4 * 40 * 3)  # 3 rows per block
+    torch.testing.assert_close(parallax_attn_with_kvcache(q, r, k_cache, v_cache, **kwargs), whole,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_layer_decoding_chunk_by_chunk_equals_one_call():
     """ParallaxAttention through its KVCache with the kernel: chunks of 1 and 3
     tokens give the rows of the layer run on the whole sequence."""
@@ -240,6 +318,64 @@ def test_bad_input_raises_and_leaves_cache_untouched(backend, name, change, erro
         assert torch.equal(cache, snapshot)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("paged", [False, True])
+def test_kernel_guards_itself_when_values_are_not_checked(paged, num_splits):
+    """What the kernel does with values nobody checked (the default for CUDA
+    tensors): a length below 0 or past the capacity, or a block table entry
+    out of range where the sequence reads or appends, gives NaN rows and no
+    append for that sequence, touching nothing outside the cache; valid
+    sequences of the same call are exact and appended."""
+    gen = torch.Generator().manual_seed(5)
+    S, HQ, HK, D, Tq, block_size = 64, 2, 1, 16, 2, 16
+    lengths = [-1, 63, 30, 48, 10]  # bad, overflow, (paged: block 0 bad, append block bad), valid
+    bad = [0, 1, 2, 3] if paged else [0, 1]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), S, HQ, HK, D, Tq, torch.float32)
+    _, _, k_new, v_new = make_inputs(len(lengths), Tq, HQ, HK, D, Tq, torch.float32, seed=1)
+    table = None
+    if paged:
+        k_cache, table = to_paged(k_cache, block_size, gen)
+        v_cache, _ = to_paged(v_cache, block_size, torch.Generator().manual_seed(5))
+        table[2, 0], table[3, 3] = 99, -5
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = triton_decode(q, r, k_cache, v_cache, seqlens, table, k=k_new, v=v_new, scale=0.25, window_size=None,
+                        num_splits=num_splits)
+
+    good = [b for b in range(len(lengths)) if b not in bad]
+    assert out[bad].isnan().all() and not out[good].isnan().any()
+    k_expected, v_expected = k_before.clone(), v_before.clone()
+    for b in good:
+        for t in range(Tq):
+            pos = lengths[b] + t
+            slot = (b, pos) if table is None else (table[b, pos // block_size], pos % block_size)
+            k_expected[slot], v_expected[slot] = k_new[b, t], v_new[b, t]
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+    good_table = None if table is None else table[good]
+    baseline = parallax_attn_with_kvcache(q[good], r[good], k_cache if paged else k_cache[good],
+                                          v_cache if paged else v_cache[good], block_table=good_table,
+                                          cache_seqlens=seqlens[good] + Tq, scale=0.25, backend="torch")
+    torch.testing.assert_close(out[good], baseline, rtol=1e-5, atol=1e-6)
+
+
+def test_check_values_policy():
+    """CPU tensors are checked by default (free); check_values=False hands
+    unchecked values to the kernel, which guards itself; True checks always."""
+    q, r, k_cache, v_cache = make_inputs(1, 8, 2, 1, 16, 1, torch.float32)
+    overflow = torch.tensor([8], dtype=torch.int32, device=DEVICE)
+    call = dict(k=k_cache[:, :1], v=v_cache[:, :1], cache_seqlens=overflow, backend="triton")
+    with pytest.raises(ValueError, match="cache overflow"):
+        parallax_attn_with_kvcache(q, r, k_cache, v_cache, **call)
+    with pytest.raises(ValueError, match="cache overflow"):
+        parallax_attn_with_kvcache(q, r, k_cache, v_cache, check_values=True, **call)
+    before = k_cache.clone()
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, check_values=False, **call)
+    assert out.isnan().all() and torch.equal(k_cache, before)
+    with pytest.raises(TypeError, match="check_values must be None, True or False"):
+        parallax_attn_with_kvcache(q, r, k_cache, v_cache, check_values="yes", **call)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128, 256])
@@ -269,13 +405,15 @@ def test_gpu_paged_bf16_equals_contiguous():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay_matches_eager():
+@pytest.mark.parametrize("B", [4, 32])
+def test_gpu_cuda_graph_replay_matches_eager(B):
     """Capture one decode step (append + attend), replay it with new tokens and
-    advanced lengths, and compare with eager calls on a copy of the cache."""
-    B, S, HQ, HK, D = 4, 1024, 32, 8, 128
+    advanced lengths, and compare with eager calls on a copy of the cache;
+    B=32 runs one split (no merge), B=4 several."""
+    S, HQ, HK, D = 1024, 32, 8, 128
     q, r, k_cache, v_cache = make_inputs(B, S, HQ, HK, D, 1, torch.bfloat16)
     _, _, k_new, v_new = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16, seed=1)
-    seqlens = torch.tensor([0, 5, 300, 1000], dtype=torch.int32, device=DEVICE)
+    seqlens = torch.tensor([0, 5, 300, 1000] * (B // 4), dtype=torch.int32, device=DEVICE)
     eager_k, eager_v = k_cache.clone(), v_cache.clone()
 
     def step():
@@ -299,3 +437,67 @@ def test_gpu_cuda_graph_replay_matches_eager():
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         torch.testing.assert_close(k_cache, eager_k, rtol=0, atol=0)
         seqlens += 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,HQ,HK", [(2, 32, 8), (32, 8, 8)])
+def test_gpu_capacity_32k_filled_4k(B, HQ, HK):
+    """Serving shapes: capacity 32768, about 4096 filled (ragged), bf16; B=32
+    with 8 KV heads fills the device with one split (no merge)."""
+    S, D = 32768, 128
+    lengths = [4096 - 37 * b for b in range(B)]
+    q, r, _, _ = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16)
+    _, _, k_new, v_new = make_inputs(B, 1, HQ, HK, D, 1, torch.bfloat16, seed=1)
+    gen = torch.Generator(device=DEVICE).manual_seed(7)  # GiBs of cache: drawn on the device
+    k_cache, v_cache = (torch.randn(B, S, HK, D, generator=gen, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens)
+    grown = [L + 1 for L in lengths]
+    k_used, v_used = k_cache[:, : max(grown)], v_cache[:, : max(grown)]  # the reference need not see the rest
+    baseline = parallax_attn_with_kvcache(q, r, k_used, v_used, cache_seqlens=seqlens + 1, backend="torch")
+    assert_matches_oracle(out, baseline, float64_oracle(q, r, k_used, v_used, grown))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,HK,paged", [(1, 8, False), (32, 8, False), (4, 8, True)])
+def test_gpu_decode_never_waits_for_the_device(B, HK, paged):
+    """The default CUDA call reads no value on the host (sync debug mode turns
+    any synchronisation into an error), with one split (B=32) and several."""
+    gen = torch.Generator().manual_seed(6)
+    q, r, k_cache, v_cache = make_inputs(B, 2048, 4 * HK, HK, 128, 1, torch.bfloat16)
+    _, _, k_new, v_new = make_inputs(B, 1, 4 * HK, HK, 128, 1, torch.bfloat16, seed=1)
+    table = None
+    if paged:
+        k_cache, table = to_paged(k_cache, 256, gen)
+        v_cache, _ = to_paged(v_cache, 256, torch.Generator().manual_seed(6))
+    seqlens = torch.full((B,), 1000, dtype=torch.int32, device=DEVICE)
+
+    def step():
+        return parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                          block_table=table)
+
+    step()  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_unchecked_bad_length_gives_nan_and_leaves_the_cache():
+    """On CUDA an overflowing length is not read on the host: the kernel
+    returns NaN rows for that sequence and appends nothing there; with
+    check_values=True the call raises before writing."""
+    q, r, k_cache, v_cache = make_inputs(2, 256, 8, 2, 128, 1, torch.bfloat16)
+    _, _, k_new, v_new = make_inputs(2, 1, 8, 2, 128, 1, torch.bfloat16, seed=1)
+    seqlens = torch.tensor([256, 10], dtype=torch.int32, device=DEVICE)
+    before = k_cache.clone()
+    with pytest.raises(ValueError, match="cache overflow"):
+        parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                   check_values=True)
+    assert torch.equal(k_cache, before)
+    out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    assert torch.equal(k_cache[0], before[0]) and torch.equal(k_cache[1, 10], k_new[1, 0])

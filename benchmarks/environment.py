@@ -1,0 +1,55 @@
+"""What every benchmark table states about where it was measured, and where it goes."""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe(device: torch.device, extra_distributions: tuple[str, ...] = ()) -> str:
+    """One line: device, software versions and the date (UTC)."""
+    parts = [f"Device: {device_name(device)}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        parts[0] += f" (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
+        parts.append(f"CUDA {torch.version.cuda}")
+    else:
+        parts[0] += f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    parts += [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    for dist in ("triton", *extra_distributions):
+        found = version(dist)
+        parts.append(f"{dist} {found}" if found else f"{dist} not installed")
+    parts.append(datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    return "; ".join(parts)
+
+
+def results_path(prefix: str, device: torch.device) -> Path:
+    """benchmarks/results/<prefix>_<device>.md, the device name made file-safe."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device) if device.type == "cuda" else "cpu").strip("-")
+    return RESULTS / f"{prefix}_{slug.lower()}.md"
+
+
+def save(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The GPU verification: the `gpu` tests and every benchmark, on a bare CUDA
+# machine without network or pip, in two parts of under 10 minutes each:
+#
+#     bash benchmarks/gpu.sh 1            # gpu tests, bench_decode, bench_generate
+#     bash benchmarks/gpu.sh 2            # bench_train_kernels, bench_muon, bench_torch_path (if present)
+#     bash benchmarks/gpu.sh              # both parts, one after the other
+#     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
+#
+# Baselines (FA3, fla) and pytest come from the wheels in .whl/, downloaded
+# beforehand with `bash benchmarks/fetch_wheels.sh`: each wheel whose
+# distribution is not installed is unpacked into a temporary directory put on
+# PYTHONPATH (no pip needed). Tables go to benchmarks/results/ (device,
+# versions, date in each), logs to out/gpu-logs/; both are copied to $OUT when
+# it is set. Every step has a time limit so that a part stays under 10
+# minutes; a failing step does not stop the others, and the exit status is
+# non-zero when any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+DRY_RUN=0
+PARTS=()
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        1 | 2) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2]" >&2; exit 2 ;;
+    esac
+done
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+LOGS=out/gpu-logs
+mkdir -p "$LOGS" benchmarks/results
+touch "$WORK/start"
+export PYTHONUNBUFFERED=1
+
+unpack_wheels() {
+    # Pure-python wheels and fa3-fwd's extension onto PYTHONPATH; the CUDA
+    # runtime wheel aside, used below only if fa3-fwd cannot load without it.
+    local site="$WORK/site" cudart="$WORK/cudart"
+    shopt -s nullglob
+    local wheels=(.whl/*.whl)
+    shopt -u nullglob
+    if [ ${#wheels[@]} -eq 0 ]; then
+        echo "wheels: none in .whl/ (bash benchmarks/fetch_wheels.sh): baselines not installed here stay blank"
+    else
+        "$PYTHON" - "$site" "$cudart" "${wheels[@]}" <<'EOF'
+import importlib.metadata
+import sys
+import zipfile
+from pathlib import Path
+
+site, cudart, *wheels = sys.argv[1:]
+for wheel in wheels:
+    name = Path(wheel).name.split("-")[0]
+    try:
+        found = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        dest = cudart if name.startswith("nvidia_cuda_runtime") else site
+        zipfile.ZipFile(wheel).extractall(dest)
+        print(f"wheels: {name} unpacked from {wheel}")
+    else:
+        print(f"wheels: {name} {found} is installed; {wheel} not used")
+EOF
+    fi
+    export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+    if ! "$PYTHON" -c "import fa3_fwd_interface" 2>"$WORK/fa3.err" \
+            && grep -q "libcudart.so.13" "$WORK/fa3.err" && [ -d "$cudart/nvidia/cu13/lib" ]; then
+        export LD_LIBRARY_PATH="$cudart/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        echo "wheels: libcudart.so.13 for fa3-fwd from the nvidia-cuda-runtime wheel"
+    fi
+}
+
+check_imports() {
+    local module
+    for module in torch triton pytest einops fla.ops.parallax.decode fa3_fwd_interface; do
+        if "$PYTHON" -c "import $module" 2>"$WORK/import.err"; then
+            echo "import $module: ok"
+        else
+            echo "import $module: FAILED ($(tail -n 1 "$WORK/import.err"))"
+        fi
+    done
+}
+
+STATUS=()
+run_step() {  # name, time limit in seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "== $name (limit ${limit}s): $*"
+    if [ "$DRY_RUN" = 1 ]; then
+        STATUS+=("$name: not run (dry run)")
+        return
+    fi
+    local start=$SECONDS rc
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    local verdict="ok"
+    [ "$rc" -ne 0 ] && verdict="FAILED (exit $rc)"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="TIMED OUT after ${limit}s"
+    STATUS+=("$name: $verdict in $((SECONDS - start))s")
+    [ "$rc" -eq 0 ] || FAILED=1
+}
+
+FAILED=0
+unpack_wheels
+check_imports
+if [ "$DRY_RUN" = 0 ] && ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "gpu.sh needs a CUDA device; none was found (use --dry-run to check the setup)" >&2
+    exit 1
+fi
+command -v nvidia-smi >/dev/null && [ "$DRY_RUN" = 0 ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+
+for part in "${PARTS[@]}"; do
+    if [ "$part" = 1 ]; then
+        run_step gpu-tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
+        run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
+        run_step bench_generate 120 "$PYTHON" -m benchmarks.bench_generate --device cuda
+    else
+        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
+        run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda
+        if [ -f benchmarks/bench_torch_path.py ]; then
+            run_step bench_torch_path 120 "$PYTHON" -m benchmarks.bench_torch_path
+        fi
+    fi
+done
+
+echo
+echo "== summary (parts ${PARTS[*]})"
+printf '%s\n' "${STATUS[@]}" | tee "$LOGS/summary.txt"
+if [ -n "${OUT:-}" ] && [ "$DRY_RUN" = 0 ]; then
+    mkdir -p "$OUT/results" "$OUT/logs"
+    find benchmarks/results -maxdepth 1 -name '*.md' -newer "$WORK/start" -exec cp {} "$OUT/results/" \;
+    cp "$LOGS"/* "$OUT/logs/"
+    echo "copied the new tables and the logs to $OUT"
+fi
+exit "$FAILED"
