@@ -185,3 +185,12 @@ def test_a_second_run_on_a_busy_out_exits_2_naming_the_holder(tmp_path, capsys):
         holder.release()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: --out: ") and f"pid {os.getpid()} on host" in err[0]
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the previous run")
+    assert main([*TINY, "--out", str(out), "--overwrite", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert main([*TINY, "--out", str(out), "--overwrite", "--data", empty_dir(tmp_path)]) == 2
+    assert (out / "checkpoint.pt").read_bytes() == b"the previous run"

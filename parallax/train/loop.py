@@ -320,7 +320,11 @@ class Run:
     # ------------------------------------------------------------ resume
 
     def restore(self) -> None:
-        """With --resume: load the newest readable checkpoint and cut the log back to it."""
+        """With --resume: load the newest readable checkpoint and cut the log back
+        to it. With --overwrite: delete the previous run's files, now that this
+        run's data and model are known to be usable."""
+        if self.cfg.overwrite and self.main:
+            self.dir.discard_previous()
         if not self.cfg.resume:
             return
         try:

@@ -4,7 +4,9 @@
 kernel drops it when its process dies, kill -9 included, so a stale lock file
 never blocks), records the holder's pid and host in it, removes temp files a
 killed run left behind, and refuses a fresh run into a directory that holds
-a previous run's outputs unless the caller resumes it or overwrites it.
+a previous run's outputs unless the caller resumes it or overwrites it. An
+overwritten run's files go only when `discard_previous` is called, once the
+new run has passed its own checks.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        self.previous: list[str] = []  # a previous run's files found by `claim`
 
     def __getitem__(self, name: str) -> Path:
         return self.path / name
@@ -55,17 +58,20 @@ class RunDir:
         try:
             for name in RUN_FILES:
                 remove_stale_temp_files(run[name])
-            previous = [name for name in RUN_FILES if run[name].exists()]
-            if previous and not (resume or overwrite):
-                raise ConfigError("--out", f"{run.path} holds a previous run ({', '.join(previous)}); "
+            run.previous = [name for name in RUN_FILES if run[name].exists()]
+            if run.previous and not (resume or overwrite):
+                raise ConfigError("--out", f"{run.path} holds a previous run ({', '.join(run.previous)}); "
                                            "pass --resume to continue it or --overwrite to replace it")
-            if overwrite:
-                for name in previous:
-                    run[name].unlink()
         except BaseException:
             run.release()
             raise
         return run
+
+    def discard_previous(self) -> None:
+        """Delete the previous run's files (--overwrite), and only those."""
+        for name in self.previous:
+            self[name].unlink(missing_ok=True)
+        self.previous = []
 
     def _lock(self) -> None:
         lock = self[LOCK_NAME]

@@ -39,7 +39,10 @@ def test_a_fresh_run_refuses_a_directory_holding_a_previous_run(tmp_path, name):
     assert not (tmp_path / LOCK_NAME).exists()  # the refusal released the lock
     RunDir.claim(tmp_path, resume=True, overwrite=False).release()
     assert (tmp_path / name).exists()
-    RunDir.claim(tmp_path, resume=False, overwrite=True).release()
+    run = RunDir.claim(tmp_path, resume=False, overwrite=True)
+    assert (tmp_path / name).exists()  # kept until the new run has passed its checks
+    run.discard_previous()
+    run.release()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own files go
 
 
