@@ -12,8 +12,9 @@ environment variables, files it expects, whether it needs CUDA (then it is a
 a command no rule matches fails `test_every_doc_command_has_a_rule`, so a new
 doc command cannot escape this test: add its rule here.
 
-Each command runs in its own scratch directory (holding a link to train.py
-and the rule's files), so outputs such as runs/default land there; `python`
+Each command runs once, in its own scratch directory (holding a link to
+train.py and the rule's files), so outputs such as runs/default land there;
+a rule's setup may reuse another command's outputs (`from_run`). `python`
 is this interpreter and `torchrun` is `python -m torch.distributed.run`.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -65,16 +67,25 @@ def check_ddp(proc, cwd: Path) -> None:
     assert proc.stdout.count("val_loss=") == 1  # only rank 0 reports
 
 
-def write_text_file(cwd: Path) -> None:
+def write_text_file(cwd: Path, run) -> None:
     (cwd / "input.txt").write_bytes((ROOT / "parallax" / "train" / "loop.py").read_bytes() * 4)
 
 
-def write_token_shards(cwd: Path) -> None:
+def write_token_shards(cwd: Path, run) -> None:
     folder = cwd / "data" / "openwebtext"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         rng.integers(0, 50257, 20_000, dtype=np.uint16).tofile(folder / f"{split}.bin")
+
+
+def from_run(command: str, *paths: str):
+    """A setup that copies `paths` from the scratch directory of `command`'s (shared) run."""
+    def setup(cwd: Path, run) -> None:
+        _, source = run(command)
+        for path in paths:
+            shutil.copytree(source / path, cwd / path)
+    return setup
 
 
 def free_port_env() -> dict:
@@ -89,7 +100,7 @@ class Rule:
     prefix: str
     append: tuple[str, ...] = ()
     env: Callable[[], dict] | None = None
-    setup: Callable[[Path], None] | None = None
+    setup: Callable[[Path, Callable], None] | None = None  # (scratch dir, run(command) -> (proc, its dir))
     check: Callable | None = None
     needs_cuda: bool = False
     not_run: str | None = None  # why a matching command is not run by this test
@@ -108,6 +119,7 @@ RULES = [
     Rule("python -m benchmarks.bench_train_kernels", append=("--quick",), needs_cuda=True),
     Rule("python -m benchmarks.bench_decode", needs_cuda=True),
     Rule("python benchmarks/bench_decode.py", needs_cuda=True),
+    Rule("python -m parallax.hf.export runs/default", setup=from_run("python train.py", "runs/default")),
 ]
 
 
@@ -182,25 +194,37 @@ def test_extraction_reads_blocks_chains_and_inline_spans(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("docs-cache")  # the stdlib corpus is cached once for all commands
+def run(tmp_path_factory):
+    """run(command) -> (CompletedProcess, scratch dir), each command once per session."""
+    cache = tmp_path_factory.mktemp("docs-cache")  # the stdlib corpus is cached once for all commands
+    done: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
+
+    def run_once(command: str):
+        if command not in done:
+            rule = rule_for(command)
+            cwd = tmp_path_factory.mktemp("doc-command")
+            env_vars, bare = _strip_env(command)
+            words = shlex.split(bare) + list(rule.append)
+            launcher = [sys.executable] if words[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
+            (cwd / "train.py").symlink_to(ROOT / "train.py")
+            if rule.setup is not None:
+                rule.setup(cwd, run_once)
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PARALLAX_CACHE": str(cache),
+                   "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **(rule.env() if rule.env else {}), **env_vars}
+            proc = subprocess.run(launcher + words[1:], cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=rule.timeout)
+            assert proc.returncode == 0, f"{' '.join(words)}\n{proc.stderr[-3000:]}"
+            done[command] = proc, cwd
+        return done[command]
+
+    return run_once
 
 
 @pytest.mark.parametrize("command", CASES)
-def test_doc_command_runs(command, tmp_path, shared_cache):
-    rule = rule_for(command)
-    env_vars, bare = _strip_env(command)
-    words = shlex.split(bare) + list(rule.append)
-    launcher = [sys.executable] if words[0] == "python" else [sys.executable, "-m", "torch.distributed.run"]
-    (tmp_path / "train.py").symlink_to(ROOT / "train.py")
-    if rule.setup is not None:
-        rule.setup(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PARALLAX_CACHE": str(shared_cache),
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           **(rule.env() if rule.env else {}), **env_vars}
-    proc = subprocess.run(launcher + words[1:], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=rule.timeout)
-    assert proc.returncode == 0, f"{' '.join(words)}\n{proc.stderr[-3000:]}"
+def test_doc_command_runs(command, run):
+    proc, cwd = run(command)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rule = rule_for(command)
     if rule.check is not None:
-        rule.check(proc, tmp_path)
+        rule.check(proc, cwd)

@@ -285,7 +285,8 @@ class Run:
         return time.perf_counter() - self.t_start
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit for bit."""
+        """Everything a resumed run needs to continue bit for bit. Called on every
+        rank (gathering a sharded model's state takes them all); rank 0 saves it."""
         return {
             "step": self.step, "tokens": self.tokens_before + self.trained_tokens,
             "elapsed": self.elapsed_before + self.wall_s,
@@ -312,9 +313,10 @@ class Run:
         self.saved_step = self.step
 
     def save_checkpoint(self) -> None:
+        state = self.state_dict()
         if self.main:
             self.log.sync()  # the log must hold every record the checkpoint covers
-            save_checkpoint(self.state_dict(), self.dir[CHECKPOINT_NAME], keep_previous=self.dir[PREVIOUS_NAME])
+            save_checkpoint(state, self.dir[CHECKPOINT_NAME], keep_previous=self.dir[PREVIOUS_NAME])
         self.saved_step = self.step
 
     # ------------------------------------------------------------ resume
@@ -469,7 +471,7 @@ class Run:
             plot_losses(self.dir[LOG_NAME], self.dir[PLOT_NAME], baseline=self.unigram / self.bits_per_nat,
                         title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
         finished = self.step >= cfg.steps
-        if self.main and finished and cfg.sample_tokens > 0:
+        if finished and cfg.sample_tokens > 0:
             self._write_sample()
         summary = self.summary(finished)
         if self.main:
@@ -479,6 +481,9 @@ class Run:
         return summary
 
     def _write_sample(self) -> None:
+        """Called on every rank; rank 0 generates and writes."""
+        if not self.main:
+            return
         cfg, ds = self.cfg, self.ds
         prompt_len = min(32, self.raw_model.config.block_size // 2, len(ds.val))
         prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(self.device)[None]
