@@ -3,6 +3,7 @@
 Whole runs of the documented commands (torchrun included) are in
 tests/test_docs_commands.py."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress"]
 
 
-def run(args, tmp_path, timeout=120):
+# run, summary and _free_port are also the helpers of other train.py subprocess tests (torchrun, FSDP).
+def run(args, tmp_path, timeout=120, launcher=(sys.executable, "train.py")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PARALLAX_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*launcher, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def summary(stdout: str) -> dict:
+    return dict(kv.split("=", 1) for kv in stdout.strip().splitlines()[-1].split())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_a_bad_flag_in_a_subprocess(tmp_path):
