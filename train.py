@@ -8,7 +8,10 @@ See docs/training.md for every flag.
 """
 import sys
 
-from parallax.train.cli import main
-
 if __name__ == "__main__":
+    try:  # Ctrl-C while torch is still importing: one line, no traceback
+        from parallax.train.cli import main
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

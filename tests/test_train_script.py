@@ -1,10 +1,14 @@
-"""train.py as users run it: subprocesses, exit codes, stdout/stderr, torchrun."""
+"""train.py as users run it: exit codes and one-line errors for every bad flag.
+
+Whole runs of the documented commands (torchrun included) are in
+tests/test_docs_commands.py."""
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from parallax.train.cli import main
@@ -13,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress"]
 
 
+# run, summary and _free_port are also the helpers of other train.py subprocess tests (torchrun, FSDP).
 def run(args, tmp_path, timeout=120, launcher=(sys.executable, "train.py")):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PARALLAX_CACHE": str(tmp_path / "cache"),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -23,24 +28,15 @@ def summary(stdout: str) -> dict:
     return dict(kv.split("=", 1) for kv in stdout.strip().splitlines()[-1].split())
 
 
-def test_tiny_end_to_end_on_the_stdlib_corpus(tmp_path):
-    out = tmp_path / "run"
-    proc = run([*TINY, "--steps", "6", "--eval-every", "3", "--sample-tokens", "16", "--out", str(out)], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    s = summary(proc.stdout)
-    assert s["status"] == "done" and s["step"] == "6"
-    for key in ("val_loss", "val_bpb", "unigram_bpb", "tokens_per_s", "params"):
-        assert float(s[key]) > 0
-    assert 4.0 < float(s["unigram_bpb"]) < 5.5  # bytes of Python source
-    assert "standard library" in proc.stdout
-    assert {"checkpoint.pt", "log.jsonl", "loss.png", "sample.txt", "summary.json"} <= {p.name for p in out.iterdir()}
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--steps", "-1"], "--steps"),
-    (["--model", "gigantic"], "--model"),
-])
-def test_bad_flags_in_a_subprocess(tmp_path, args, flag):
+def test_a_bad_flag_in_a_subprocess(tmp_path):
+    """As users see it; the table below covers every flag in this process."""
+    args, flag = ["--model", "gigantic"], "--model"
     proc = run(args, tmp_path, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -48,24 +44,115 @@ def test_bad_flags_in_a_subprocess(tmp_path, args, flag):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("args,flag", [
-    (["--optimizer", "sgd"], "--optimizer"),
+def text_file(tmp):
+    path = tmp / "text.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 200)
+    return str(path)
+
+
+def shards(tmp, train_tokens, val_tokens=range(100), raw=None):
+    folder = tmp / "shards"
+    folder.mkdir(exist_ok=True)
+    np.asarray(train_tokens, dtype=np.uint16).tofile(folder / "train.bin")
+    np.asarray(val_tokens, dtype=np.uint16).tofile(folder / "val.bin")
+    if raw is not None:
+        (folder / "val.bin").write_bytes(raw)
+    return str(folder)
+
+
+def empty_dir(tmp):
+    (tmp / "empty").mkdir()
+    return str(tmp / "empty")
+
+
+def a_file(tmp):
+    (tmp / "a_file").write_text("x")
+    return str(tmp / "a_file")
+
+
+def text_dir(tmp):
+    (tmp / "texts").mkdir()
+    for i in range(3):
+        (tmp / "texts" / f"{i}.txt").write_text("some text\n" * 100)
+    return str(tmp / "texts")
+
+
+# (flags, the flag the one error line must name); callables build files under tmp_path.
+BAD_FLAGS = [
+    (["--model", "gigantic"], "--model"),
     (["--attention", "linear"], "--attention"),
-    (["--model", "tiny", "--seq-len", "65"], "--seq-len"),
+    (["--parameter-matched"], "--parameter-matched"),  # with --attention parallax
     (["--data", "/no/such/path"], "--data"),
-    (["--stop-after", "-3"], "--stop-after"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--steps", "ten"], "--steps"),
+    (["--data", empty_dir], "--data"),
+    (["--data", lambda t: (t / "empty.txt").write_text("") and "" or str(t / "empty.txt")], "--data"),
+    (["--data", lambda t: shards(t, range(5), raw=b"\x01\x02\x03")], "--data"),  # odd byte count
+    (["--data", text_dir, "--cache-dir", a_file], "--cache-dir"),
+    (["--vocab-size", "0"], "--vocab-size"),
+    (["--vocab-size", "70000"], "--vocab-size"),
+    (["--data", text_file, "--vocab-size", "512"], "--vocab-size"),
+    (["--data", lambda t: shards(t, [1, 2, 300] * 50), "--vocab-size", "300"], "--vocab-size"),
+    (["--optimizer", "sgd"], "--optimizer"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--embed-lr", "-1e-3"], "--embed-lr"),
+    (["--adamw-lr", "nan"], "--embed-lr"),
+    (["--weight-decay", "-0.1"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--momentum", "1.0"], "--momentum"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--grad-clip", "nan"], "--grad-clip"),
     (["--schedule", "linear"], "--schedule"),
-    (["--no-such-flag"], "--no-such-flag"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--cooldown", "1.5"], "--cooldown"),
+    (["--cooldown", "nan"], "--cooldown"),
+    (["--min-lr-ratio", "-0.1"], "--min-lr-ratio"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--model", "tiny", "--seq-len", "65"], "--seq-len"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--steps", "-1"], "--steps"),
+    (["--steps", "ten"], "--steps"),
+    (["--stop-after", "-3"], "--stop-after"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--eval-batches", "0"], "--eval-batches"),
+    (["--ckpt-every", "0"], "--ckpt-every"),
+    (["--log-every", "0"], "--log-every"),
+    (["--sample-tokens", "-1"], "--sample-tokens"),
+    (["--progress=yes"], "--progress"),
+    (["--device", "gpu"], "--device"),
+    (["--device", "cuda:x"], "--device"),
+    (["--device", "cuda:99"], "--device"),  # no machine has it
+    (["--threads", "0"], "--threads"),
     (["--dtype", "float8"], "--dtype"),
-])
-def test_bad_flags_exit_2_with_one_line(capsys, args, flag):
+    (["--compile=no"], "--compile"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**63)], "--seed"),
+    (["--out", ""], "--out"),
+    (["--out", a_file], "--out"),
+    (["--out", lambda t: a_file(t) + "/sub"], "--out"),
+    (["--resume", "--overwrite"], "--overwrite"),
+    (["--no-such-flag"], "--no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_FLAGS, ids=[" ".join(a if isinstance(a, str) else "<path>" for a in args)
+                                                      for args, _ in BAD_FLAGS])
+def test_every_bad_flag_exits_2_with_one_line_before_training(tmp_path, capsys, args, flag):
+    args = [a(tmp_path) if callable(a) else a for a in args]
+    out = tmp_path / "out"
+    base = ["--model", "tiny", "--batch-size", "2", "--data", text_file(tmp_path), "--out", str(out),
+            "--cache-dir", str(tmp_path / "cache"), "--threads", "1", "--no-progress"]
     with pytest.raises(SystemExit) as exc:
-        sys.exit(main(args))
+        sys.exit(main(base + args))  # later flags win
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0], err
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train.py: error: {flag}"), err
+    assert "step" not in captured.out  # nothing trained
+    assert not out.exists() or not [p.name for p in out.iterdir()]
 
 
 def test_bad_data_exits_2(tmp_path, capsys):
@@ -75,22 +162,16 @@ def test_bad_data_exits_2(tmp_path, capsys):
     assert len(err) == 1 and "--data" in err[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_token_ids_past_the_vocabulary_beyond_the_scanned_prefix_stop_with_one_line(tmp_path, capsys, monkeypatch):
+    """The up-front scan reads SCAN_LIMIT tokens; batches are checked as well."""
+    from parallax.train import data
 
-
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    out = tmp_path / "ddp"
-    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "train.py")
-    proc = run([*TINY, "--steps", "3", "--eval-every", "3", "--sample-tokens", "0", "--out", str(out)],
-               tmp_path, timeout=90, launcher=launcher)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = summary(proc.stdout)
-    assert s["world_size"] == "2" and s["step"] == "3" and float(s["val_loss"]) > 0
-    assert proc.stdout.count("val_loss=") == 1  # only rank 0 reports
+    monkeypatch.setattr(data, "SCAN_LIMIT", 64)
+    folder = shards(tmp_path, [1] * 64 + [2, 900] * 500)
+    code = main([*TINY, "--data", folder, "--vocab-size", "512", "--out", str(tmp_path / "o"), "--threads", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: --vocab-size: a batch holds token id 900"), err
 
 
 def test_diverging_run_exits_1_with_a_clear_message(tmp_path, capsys):
@@ -103,3 +184,24 @@ def test_diverging_run_exits_1_with_a_clear_message(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nan" in err[0].lower() and "checkpoint" in err[0]
     assert (out / "checkpoint.pt").exists()  # the last good one is kept
+
+
+def test_a_second_run_on_a_busy_out_exits_2_naming_the_holder(tmp_path, capsys):
+    from parallax.train.rundir import RunDir
+
+    holder = RunDir.claim(tmp_path / "o", resume=False, overwrite=False)  # a live run
+    try:
+        assert main([*TINY, "--data", text_file(tmp_path), "--out", str(tmp_path / "o"), "--resume"]) == 2
+    finally:
+        holder.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: --out: ") and f"pid {os.getpid()} on host" in err[0]
+
+
+def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"the previous run")
+    assert main([*TINY, "--out", str(out), "--overwrite", "--data", str(tmp_path / "missing.txt")]) == 2
+    assert main([*TINY, "--out", str(out), "--overwrite", "--data", empty_dir(tmp_path)]) == 2
+    assert (out / "checkpoint.pt").read_bytes() == b"the previous run"

@@ -16,7 +16,7 @@ def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
     check_qkv(q, r, k, v)
     check_scale(scale)
     check_window(window_size)
-    check_backend(backend)
+    check_backend(backend, q)
     check_cu_seqlens(cu_seqlens, q, k)
 
 
@@ -80,7 +80,9 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_
     """
     _validate(q, None, k, v, scale, window_size, cu_seqlens, None)
     T, S = q.shape[1], k.shape[1]
-    if cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S):
+    # SDPA's causal CPU kernel returns NaN for scale <= 0, so only positive scales take it.
+    sdpa_scale_ok = scale is None or scale > 0
+    if cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S) and sdpa_scale_ok:
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],

@@ -163,11 +163,15 @@ def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
             raise ValueError(f"block_table entries in use must lie in [0, {num_blocks}) (k_cache's num_blocks)")
 
 
-def _logical_cache(cache, block_table):
-    """[B, S, HK, D] view of the cache (a gather for a paged cache)."""
-    if block_table is None:
-        return cache
-    return cache[block_table.long()].flatten(1, 2)
+def _logical_cache(cache, block_table, seqlens):
+    """[B, S, HK, D] copy of the cache in which positions at or past `seqlens`
+    are 0: an unused tail (or unused paged slot) may hold anything, NaN included,
+    and must not reach the output through a zero weight (0 * NaN = NaN)."""
+    if block_table is not None:
+        # Unused slots may hold any id; clamp so the gather stays in bounds (they are zeroed below).
+        cache = cache[block_table.long().clamp(0, cache.shape[0] - 1)].flatten(1, 2)
+    filled = torch.arange(cache.shape[1], device=cache.device) < seqlens.long()[:, None]  # [B, S]
+    return torch.where(filled[:, :, None, None], cache, torch.zeros((), dtype=cache.dtype, device=cache.device))
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
@@ -190,8 +194,8 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
     its score blocks near SCORE_BLOCK_ELEMENTS."""
     B, Tq, HQ, D = q.shape
     dtype = compute_dtype(q)
-    K = _logical_cache(k_cache, block_table).to(dtype)
-    V = _logical_cache(v_cache, block_table).to(dtype)
+    K = _logical_cache(k_cache, block_table, seqlens).to(dtype)
+    V = _logical_cache(v_cache, block_table, seqlens).to(dtype)
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)

@@ -128,10 +128,15 @@ class GPT(nn.Module):
         sequence outgrows block_size the cache is refilled with the last
         block_size tokens, exactly the context the recompute path sees.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        _check_generate_args(idx, max_new_tokens, temperature, top_k, self.config.vocab_size)
         was_training = self.training
         self.eval()
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> torch.Tensor:
         block = self.config.block_size
         caches = self.new_caches(idx.shape[0]) if use_cache else None
         pending = idx  # tokens not yet in the cache
@@ -148,8 +153,25 @@ class GPT(nn.Module):
             nxt = _sample(logits, temperature, top_k, generator)
             idx = torch.cat((idx, nxt), dim=1)
             pending = nxt
-        self.train(was_training)
         return idx
+
+
+def _check_generate_args(idx, max_new_tokens, temperature, top_k, vocab_size: int) -> None:
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must be an int64 or int32 tensor of token ids, got dtype {idx.dtype}")
+    if idx.ndim != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
+        raise ValueError(f"idx must be a non-empty prompt of shape [batch, seq] (batch, seq >= 1), "
+                         f"got shape {tuple(idx.shape)}")
+    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
+        raise ValueError(f"idx must hold token ids in [0, {vocab_size}), got ids in [{int(idx.min())}, {int(idx.max())}]")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

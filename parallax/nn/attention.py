@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels.attention import parallax_attn, softmax_attention
+from ..kernels.checks import check_window
 from ..kernels.decode import parallax_attn_with_kvcache
 from .cache import KVCache
 from .rope import RotaryEmbedding, apply_rope, packed_positions
@@ -32,10 +33,15 @@ class ParallaxAttention(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is None")
             head_dim = dim // num_heads
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
+        check_window(window_size)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kind, self.window_size = kind, window_size
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)

@@ -1,6 +1,8 @@
 """Rotary position embedding (rotate-half form), computed in float32."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -8,8 +10,10 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be even and >= 2 for rotary embeddings, got {head_dim!r}")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+            raise ValueError(f"rope_theta must be a finite number > 0, got {theta!r}")
         self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 

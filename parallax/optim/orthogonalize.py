@@ -61,6 +61,8 @@ def orthogonalize(
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
     if G.ndim < 2:
         raise ValueError(f"G must have shape [..., m, n] with at least 2 dims, got {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
     if method not in ORTHOGONALIZERS:
         raise ValueError(f"method must be one of {ORTHOGONALIZERS}, got {method!r}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -5,21 +5,68 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+TEMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
-    """Yield a binary file; on success it is fsynced and renamed over `path`,
-    on any error it is removed and `path` is left as it was."""
+def atomic_write(path: str | os.PathLike, *, verify: Callable[[Path], None] | None = None,
+                 keep_previous: str | os.PathLike | None = None):
+    """Yield a binary file; on success it is fsynced, checked by `verify(temp_path)`
+    (which raises to reject it) and renamed over `path`. With `keep_previous`,
+    the file `path` held until then is moved there first, so the two newest
+    versions survive. On any error the temp file is removed and `path` is left
+    as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 would make outputs private
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None and e.strerror is not None:  # name the file (a full disk's error does not)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> None:
+    """Delete temp files `atomic_write(path)` left behind when its process was killed.
+    Only call this while no other process can be writing `path`."""
+    path = Path(path)
+    for stale in path.parent.glob(path.name + ".*" + TEMP_SUFFIX):
+        stale.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,7 +1,12 @@
 """`python train.py`: parse flags into a TrainConfig and call `train`.
 
-Bad flags or data exit with status 2 and one line on stderr naming the flag;
-a NaN/inf loss exits with status 1 (the last good checkpoint is kept).
+Every failure prints one line on stderr, never a traceback:
+- status 2: a bad flag, unusable data or --out, or a --resume that does not
+  fit the checkpoint; nothing was trained.
+- status 1: a NaN/inf loss, or an output that could not be written (a full
+  disk); the newest complete checkpoint is kept.
+- status 128 + N: stopped by signal N (SIGINT 130, SIGTERM 143); after the
+  first signal a checkpoint is saved at the end of the current step.
 """
 from __future__ import annotations
 
@@ -10,15 +15,21 @@ import sys
 from pathlib import Path
 
 from ..models.config import ATTENTION_KINDS, PRESETS
-from .config import DTYPES, OPTIMIZERS, ConfigError, TrainConfig
-from .data import DataError
+from .checkpoint import CheckpointError
+from .config import DTYPES, OPTIMIZERS, PRESET_DEFAULTS, ConfigError, TrainConfig
 from .schedule import SCHEDULES
 
 PROG = "train.py"
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
+    def error(self, message):  # one line, no usage block, the flag first
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+            flag, _, rest = message.partition(": ")
+            message = f"{flag.split('/')[0]}: {rest}"
+        elif message.startswith("unrecognized arguments: "):
+            message = f"{message[len('unrecognized arguments: '):]}: unknown flag (see --help)"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -58,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step per process")
-    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (<= the model's block_size)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help="tokens per sequence, at most the model's block_size (default: the preset's, "
+                        + ", ".join(f"{m} {v['seq_len']}" for m, v in PRESET_DEFAULTS.items()) + ")")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of the schedule")
     g.add_argument("--stop-after", type=int, default=d.stop_after,
@@ -77,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "fsdp", "under torchrun, shard the model with FSDP2 instead of replicating it (DDP)", d.fsdp)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", default=d.out, help="output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt")
-    g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
     g.add_argument("--export-hf", default=d.export_hf, metavar="DIR",
                    help="at the end, write the model as a transformers directory (AutoModelForCausalLM; see docs/hf.md)")
     return p
@@ -93,24 +107,30 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def _fail(message: str, status: int) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     return status
 
 
 def main(argv=None) -> int:
-    from .loop import NonFiniteLossError, train
+    from .loop import NonFiniteLossError, TrainingInterrupted, train
 
     try:
         cfg = parse_config(argv)
         train(cfg)
-    except ConfigError as e:
+    except ConfigError as e:  # DataError included
         return _fail(str(e), 2)
-    except DataError as e:
-        return _fail(f"--data: {e}", 2)
     except NonFiniteLossError as e:
         return _fail(str(e), 1)
+    except TrainingInterrupted as e:
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted; the newest complete checkpoint is intact, continue with --resume", 130)
+    except (OSError, CheckpointError) as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        what = e.strerror if getattr(e, "strerror", None) else e
+        return _fail(f"cannot write the run's outputs: {where}{what}; the newest complete checkpoint is intact, "
+                     "free space (or fix the problem) and continue with --resume", 1)
     return 0
 
 

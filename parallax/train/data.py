@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write
+from .config import ConfigError
 
 SPLIT_SEED = "parallax-split-0"
 VAL_FRACTION = 0.05
@@ -29,8 +30,12 @@ _CHUNK = 1 << 22
 SCAN_LIMIT = 1 << 28  # tokens per split read for the unigram baseline and the vocab size
 
 
-class DataError(ValueError):
-    """Unusable --data (missing path, empty split, unknown format)."""
+class DataError(ConfigError):
+    """Unusable data (missing path, empty split, unknown format, token ids past
+    the vocabulary, an unwritable cache); `flag` names the flag to fix."""
+
+    def __init__(self, message: str, flag: str = "--data"):
+        super().__init__(flag, message)
 
 
 @dataclass
@@ -99,12 +104,19 @@ def split_files(names: list[str]) -> tuple[list[str], list[str]]:
 
 def _atomic_concat(root: Path, names: list[str], dest: Path) -> None:
     """Write the bytes of root/name for each name, newline-separated, to dest atomically."""
-    with atomic_write(dest) as out:
-        for name in names:
-            with open(root / name, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    out.write(chunk)
-            out.write(b"\n")
+    try:
+        with atomic_write(dest) as out:
+            for name in names:
+                try:
+                    f = open(root / name, "rb")
+                except OSError as e:
+                    raise DataError(f"cannot read {root / name}: {e.strerror}") from None
+                with f:
+                    while chunk := f.read(_CHUNK):
+                        out.write(chunk)
+                out.write(b"\n")
+    except OSError as e:
+        raise DataError(f"cannot write the data cache {dest.parent}: {e.strerror}", flag="--cache-dir") from None
 
 
 def _memmap(path: Path, dtype=np.uint8, offset: int = 0) -> np.ndarray:
@@ -165,14 +177,24 @@ def _positional_split(path: Path) -> tuple[Stream, Stream]:
 
 def _shard_array(path: Path) -> np.ndarray:
     with open(path, "rb") as f:
-        head = np.frombuffer(f.read(12), dtype=np.int32)
-    if len(head) == 3 and head[0] == NANOGPT_SHARD_MAGIC:
-        return _memmap(path, np.uint16, offset=256 * 4)[: int(head[2])]
-    return _memmap(path, np.uint16)
+        raw = f.read(12)
+    head = np.frombuffer(raw[: len(raw) // 4 * 4], dtype=np.int32)
+    size = path.stat().st_size
+    offset = 256 * 4 if len(head) == 3 and head[0] == NANOGPT_SHARD_MAGIC else 0
+    if (size - offset) % 2:
+        raise DataError(f"{path} holds {size - offset} bytes of tokens, not a whole number of uint16 tokens")
+    tokens = _memmap(path, np.uint16, offset=offset)
+    if offset:
+        count = int(head[2])
+        if not 0 <= count <= len(tokens):
+            raise DataError(f"{path}: its header announces {count} tokens but the file holds {len(tokens)}")
+        tokens = tokens[:count]
+    return tokens
 
 
-def _chunks(stream: Stream, limit: int = SCAN_LIMIT):
-    """Consecutive pieces of a stream, at most `limit` tokens in all (spread over its shards)."""
+def _chunks(stream: Stream, limit: int | None = None):
+    """Consecutive pieces of a stream, at most `limit` (default SCAN_LIMIT) tokens in all (spread over its shards)."""
+    limit = SCAN_LIMIT if limit is None else limit
     per_shard = max(1, limit // max(1, len(stream.shards)))
     for shard in stream.shards:
         for i in range(0, min(len(shard), per_shard), _CHUNK):
@@ -189,8 +211,13 @@ def _bin_dataset(files: list[Path], where: Path, vocab_size: int | None) -> Data
     if not train or not val:
         raise DataError(f"{where}: .bin shards must include train and val files (names containing 'train' / 'val')")
     tr, va = Stream([_shard_array(f) for f in train]), Stream([_shard_array(f) for f in val])
+    top = _max_token([tr, va])
     if vocab_size is None:
-        vocab_size = -(-(_max_token([tr, va]) + 1) // 64) * 64
+        vocab_size = -(-(top + 1) // 64) * 64
+    elif top >= vocab_size:
+        raise DataError(f"{where} holds token id {top}, at or above --vocab-size {vocab_size}", flag="--vocab-size")
+    if vocab_size > 65536:
+        raise DataError(f"{where}: vocabulary of {vocab_size} does not fit uint16 tokens")
     desc = f"uint16 token shards in {where} ({len(train)} train, {len(val)} val)"
     return Dataset(tr, va, vocab_size, False, desc, {"shards_train": len(train), "shards_val": len(val)})
 
@@ -205,6 +232,13 @@ def load_dataset(path: str | os.PathLike | None = None, *, cache_dir: str | os.P
     skipped). Any other directory: its text files as bytes, split by file.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        return _load_dataset(path, cache, vocab_size)
+    except OSError as e:  # unreadable files: name the file, no traceback
+        raise DataError(f"cannot read {e.filename or path}: {e.strerror}") from None
+
+
+def _load_dataset(path, cache: Path, vocab_size: int | None) -> Dataset:
     if path is None:
         return stdlib_dataset(cache)
     p = Path(path)
@@ -213,6 +247,9 @@ def load_dataset(path: str | os.PathLike | None = None, *, cache_dir: str | os.P
     if p.is_file():
         if p.suffix == ".bin":
             raise DataError(f"{p}: pass the directory holding the train/val .bin shards")
+        if vocab_size is not None:
+            raise DataError(f"{p} is text (bytes, vocabulary 256); --vocab-size only applies to .bin token shards",
+                            flag="--vocab-size")
         train, val = _positional_split(p)
         if len(val) < 2:
             raise DataError(f"{p} is too small to split into train and val")
@@ -220,6 +257,9 @@ def load_dataset(path: str | os.PathLike | None = None, *, cache_dir: str | os.P
     bins = sorted(f for f in p.iterdir() if f.suffix == ".bin" and f.is_file())
     if bins:
         return _bin_dataset(bins, p, vocab_size)
+    if vocab_size is not None:
+        raise DataError(f"{p} holds text (bytes, vocabulary 256); --vocab-size only applies to .bin token shards",
+                        flag="--vocab-size")
     names = _text_files(p)
     if not names:
         raise DataError(f"{p} holds no files")
@@ -253,8 +293,9 @@ class BatchSampler:
     batches, and a restored count continues exactly where a run stopped.
     """
 
-    def __init__(self, stream: Stream, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0):
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
+    def __init__(self, stream: Stream, batch_size: int, seq_len: int, *, seed: int = 0, rank: int = 0,
+                 vocab_size: int | None = None):
+        self.stream, self.batch_size, self.seq_len, self.vocab_size = stream, batch_size, seq_len, vocab_size
         self.seed, self.rank, self.count = seed, rank, 0
         self.valid = stream.windows(seq_len + 1)
         if self.valid.sum() < 1:
@@ -269,15 +310,25 @@ class BatchSampler:
         self.count = int(state["count"])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self.generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + self.count)
+        # Folded into [0, 2**63) so any seed works; smaller values (seed 0's included) are unchanged.
+        self.generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + self.count) % 2**63)
         self.count += 1
         total = int(self.cum[-1])
         picks = torch.randint(total, (self.batch_size,), generator=self.generator).numpy()
         shard = np.searchsorted(self.cum, picks, side="right")
         starts = picks - np.concatenate(([0], self.cum))[shard]
         rows = np.stack([self.stream.read(int(s), int(o), self.seq_len + 1) for s, o in zip(shard, starts)])
+        check_token_ids(rows, self.vocab_size)
         batch = torch.from_numpy(rows)
         return batch[:, :-1], batch[:, 1:]
+
+
+def check_token_ids(rows: np.ndarray, vocab_size: int | None) -> None:
+    """Token ids past the vocabulary would index outside the embedding; the
+    up-front scan reads at most SCAN_LIMIT tokens, so batches are checked too."""
+    if vocab_size is not None and rows.size and int(rows.max()) >= vocab_size:
+        raise DataError(f"a batch holds token id {int(rows.max())}, at or above the vocabulary size {vocab_size}",
+                        flag="--vocab-size")
 
 
 def eval_windows(stream: Stream, seq_len: int, count: int) -> list[tuple[int, int]]:

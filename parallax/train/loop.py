@@ -1,4 +1,12 @@
-"""The training loop: `train(TrainConfig) -> summary dict`."""
+"""The training loop: `train(TrainConfig) -> summary dict`.
+
+A run, in order: claim --out (a lock, and no previous run overwritten by
+accident), load the data, build the model, wrap it (`wrap_model`: the one
+place for DDP and torch.compile), build the optimizer and schedule, restore
+the checkpoint (`--resume`), train with periodic evaluations and checkpoints
+(`Run.fit`), then write the outputs (`Run.finish`: plot, sample, summary).
+What a checkpoint holds is `Run.state_dict` / `Run.load_state_dict`.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,55 +14,135 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..models import GPT, preset
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .atomic import atomic_write
+from .checkpoint import (
+    CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, latest_checkpoint, load_latest_checkpoint, rng_state,
+    save_checkpoint, set_rng_state,
+)
 from .config import ConfigError, TrainConfig
-from .data import BatchSampler, DataError, Dataset, eval_windows, load_dataset, unigram_bits
+from .data import BatchSampler, Dataset, check_token_ids, eval_windows, load_dataset, unigram_bits
 from .fsdp import full_model_state, full_optimizer_state, load_model_state, shard_model, unsharded_copy, whole
-from .plot import plot_losses, read_log
+from .interrupt import StopRequest, stop_on_signals
+from .plot import plot_losses
 from .progress import ProgressBar
+from .rundir import LOG_NAME, PLOT_NAME, SAMPLE_NAME, SUMMARY_NAME, RunDir
+from .runlog import RunLog
 from .schedule import LRSchedule, build_scheduler
 
-LOG_NAME, PLOT_NAME, SAMPLE_NAME = "log.jsonl", "loss.png", "sample.txt"
+# Keys every training checkpoint holds (a file without them is not one of ours).
+STATE_KEYS = ("step", "tokens", "elapsed", "model", "optimizer", "scheduler", "sampler", "rng", "model_config",
+              "train_config")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN or inf; training stopped."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """A stop signal (SIGINT, SIGTERM) ended the run after a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {checkpoint}; "
+                         "continue with --resume")
+
+
 # ---------------------------------------------------------------- setup
 
-def _init_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device(cfg: TrainConfig, local_rank: int, world: int) -> torch.device:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "CUDA was requested but is not available")
-    if world > 1:
-        if device.type == "cuda":
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", "CUDA was requested but is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError("--device", f"{cfg.device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+        if world > 1:
             device = torch.device("cuda", local_rank)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device", "MPS was requested but is not available")
+    return device
+
+
+@contextlib.contextmanager
+def _distributed(cfg: TrainConfig):
+    """(rank, world_size, device); joins the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")), world)
+    joined = False
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        joined = True
+    try:
+        yield rank, world, device
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _claimed_out_dir(cfg: TrainConfig, rank: int, world: int):
+    """Rank 0 claims --out; every rank learns whether that worked, so all stop together."""
+    run_dir, error = RunDir(cfg.out), None
+    if rank == 0:
+        try:
+            run_dir = RunDir.claim(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
+        except ConfigError as e:
+            error = e
+    if world > 1:
+        verdict = [None if error is None else (error.flag, error.message)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None and error is None:
+            error = ConfigError(*verdict[0])
+    if error is not None:
+        raise error
+    try:
+        yield run_dir
+    finally:
+        run_dir.release()
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
     mc = preset(cfg.model, vocab_size=vocab_size, attention=cfg.attention, parameter_matched=cfg.parameter_matched)
     return GPT(mc)
+
+
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> torch.nn.Module:
+    """The module the loop calls. Parallel wrappers go here; the optimizer is
+    built afterwards, from the parameters `model` holds then."""
+    if cfg.fsdp:
+        shard_model(model, device)  # in place: the parameters become DTensors
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -99,30 +187,20 @@ def evaluate(model: torch.nn.Module, ds: Dataset, windows: list[tuple[int, int]]
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = windows[rank::world]
-    for i in range(0, len(mine), batch_size):
-        rows = np.stack([ds.val.read(s, o, seq_len + 1) for s, o in mine[i:i + batch_size]])
-        batch = torch.from_numpy(rows).to(device)
-        with autocast():
-            _, loss = model(batch[:, :-1], batch[:, 1:])
-        n = batch[:, 1:].numel()
-        total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=device)
+    try:
+        for i in range(0, len(mine), batch_size):
+            rows = np.stack([ds.val.read(s, o, seq_len + 1) for s, o in mine[i:i + batch_size]])
+            check_token_ids(rows, None if ds.byte_level else ds.vocab_size)
+            batch = torch.from_numpy(rows).to(device)
+            with autocast():
+                _, loss = model(batch[:, :-1], batch[:, 1:])
+            n = batch[:, 1:].numel()
+            total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=device)
+    finally:
+        model.train(was_training)
     if world > 1:
         dist.all_reduce(total)
-    model.train(was_training)
     return float(total[0] / total[1])
-
-
-# ---------------------------------------------------------------- the loop
-
-def _log(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records past `step` (a resumed run redoes them)."""
-    records = [r for r in read_log(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def format_summary(summary: dict) -> str:
@@ -134,6 +212,8 @@ def format_summary(summary: dict) -> str:
     return " ".join(parts)
 
 
+# ---------------------------------------------------------------- the run
+
 def train(cfg: TrainConfig, *, loss_hook=None, eval_hook=None, stdout=None) -> dict:
     """Train a GPT as `cfg` says; returns the summary (also printed last on stdout).
 
@@ -141,205 +221,311 @@ def train(cfg: TrainConfig, *, loss_hook=None, eval_hook=None, stdout=None) -> d
     before backward (tests use it to inject a NaN). eval_hook(step, model),
     if given, runs on rank 0 after every evaluation (studies use it to probe
     the model as it trains).
-    Raises ConfigError / DataError for bad settings and NonFiniteLossError
-    when the loss stops being finite (the last checkpoint is kept).
+    Raises ConfigError (DataError included) for bad settings, before any
+    training; NonFiniteLossError when the loss stops being finite;
+    TrainingInterrupted after a SIGINT / SIGTERM (a checkpoint is saved
+    first); OSError or CheckpointError when an output cannot be written. In
+    every case the newest complete checkpoint is kept for `resume`.
     """
-    cfg.validate()
-    out = stdout or sys.stdout
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        rank, world, device = _init_distributed(cfg)
-        try:
-            return _train(cfg, rank, world, device, loss_hook, eval_hook, out)
-        finally:
-            if world > 1 and dist.is_initialized():
-                dist.destroy_process_group()
-    finally:
-        torch.set_num_threads(threads)
+    cfg = cfg.resolved().validate()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_torch_threads(cfg.threads))
+        rank, world, device = stack.enter_context(_distributed(cfg))
+        run_dir = stack.enter_context(_claimed_out_dir(cfg, rank, world))
+        stop = stack.enter_context(stop_on_signals())
+        run = Run(cfg, rank, world, device, run_dir, stdout or sys.stdout, loss_hook, eval_hook)
+        stack.callback(run.log.close)
+        run.restore()
+        run.fit(stop)
+        return run.finish(stop)
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device, loss_hook, eval_hook, out) -> dict:
-    main = rank == 0
-    say = (lambda msg: print(msg, file=out, flush=True)) if main else (lambda msg: None)
-    out_dir = Path(cfg.out)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / LOG_NAME
-    t_start = time.perf_counter()
+class Run:
+    """The state of one training run and the steps that advance it."""
 
-    _seed_everything(cfg.seed)
-    ds = load_dataset(cfg.data, cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size)
-    if ds.vocab_size > 65536 or (cfg.vocab_size is not None and not ds.byte_level and cfg.vocab_size < ds.vocab_size):
-        raise DataError(f"vocab size {ds.vocab_size} does not fit the data")
-    unigram = unigram_bits(ds)
-    bits_per_token = 1.0 / math.log(2)  # nats -> bits; tokens are bytes for byte-level data
-    model = build_model(cfg, ds.vocab_size).to(device)
-    if cfg.fsdp:
-        shard_model(model, device)
-    params = model.num_parameters()
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.cooldown)
-    sampler = BatchSampler(ds.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank)
-    windows = eval_windows(ds.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device, run_dir: RunDir, out,
+                 loss_hook=None, eval_hook=None):
+        self.cfg, self.rank, self.world, self.device, self.dir = cfg, rank, world, device, run_dir
+        self.main = rank == 0
+        self.out, self.loss_hook, self.eval_hook = out, loss_hook, eval_hook
+        self.log = RunLog(run_dir[LOG_NAME])
+        self.t_start = time.perf_counter()
 
-    step, tokens_before, time_before = 0, 0, 0.0
-    ckpt_path = latest_checkpoint(out_dir) if cfg.resume else None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["model_config"] != model.config.to_dict():
-            raise ConfigError("--resume", f"{ckpt_path} holds a different model ({ckpt['model_config']}); "
-                                          f"pass the same --model / --attention / data")
-        load_model_state(model, ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.lr_lambdas = [LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.cooldown)
-                                for _ in optimizer.param_groups]
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        step, tokens_before, time_before = int(ckpt["step"]), int(ckpt["tokens"]), float(ckpt["elapsed"])
-        if main:
-            _truncate_log(log_path, step)
-        say(f"resumed from {ckpt_path} at step {step}")
-    else:
-        if cfg.resume:
-            say(f"no checkpoint in {out_dir}; starting from scratch")
-        if main and log_path.exists():
-            log_path.unlink()
+        _seed_everything(cfg.seed)
+        self.ds = load_dataset(cfg.data, cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size)
+        self.unigram = unigram_bits(self.ds)
+        self.bits_per_nat = 1.0 / math.log(2)  # tokens are bytes for byte-level data
+        self.raw_model = build_model(cfg, self.ds.vocab_size).to(device)
+        self.params = self.raw_model.num_parameters()
+        self.model = wrap_model(self.raw_model, cfg, device, world)
+        self.optimizer = build_optimizer(self.raw_model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio,
+                                         cfg.cooldown)
+        self.sampler = BatchSampler(self.ds.train, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank,
+                                    vocab_size=None if self.ds.byte_level else self.ds.vocab_size)
+        self.windows = eval_windows(self.ds.val, cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+        self.autocast = _autocast(cfg, device)
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
 
-    raw_model = model
-    if world > 1 and not cfg.fsdp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    autocast = _autocast(cfg, device)
-    stop = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    ckpt_every = cfg.ckpt_every or cfg.eval_every
+        self.step = self.start = 0  # optimizer steps done; the step this process started from
+        self.tokens_before, self.elapsed_before = 0, 0.0  # from the checkpoint resumed
+        self.train_s = 0.0  # seconds in training steps (no evaluation, checkpoints or sampling)
+        self.last_loss, self.lrs = float("nan"), [0.0]
+        self.val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation
+        self.saved_step: int | None = None
 
-    say(f"data: {ds.description}: {len(ds.train):,} train / {len(ds.val):,} val tokens, vocab {ds.vocab_size}")
-    say(f"system: {device}, {torch.get_num_threads()} CPU thread(s), world size {world}")
-    say(f"model: {cfg.model} ({cfg.attention}{', parameter-matched' if cfg.parameter_matched else ''}), "
-        f"{params:,} parameters; optimizer {cfg.optimizer}")
-    say(f"run: {cfg.steps} steps x {tokens_per_step:,} tokens (batch {cfg.batch_size} x seq {cfg.seq_len} x accum "
-        f"{cfg.grad_accum} x {world}); unigram baseline {unigram:.4f} bits/token")
+    # ------------------------------------------------------------ bookkeeping
 
-    def checkpoint(at: int, elapsed: float) -> None:
-        model_state, optimizer_state = full_model_state(raw_model), full_optimizer_state(optimizer)  # every rank
-        if not main:
+    def say(self, message: str) -> None:
+        if self.main:
+            print(message, file=self.out, flush=True)
+
+    @property
+    def trained_tokens(self) -> int:
+        """Tokens trained by this process (since `start`)."""
+        return (self.step - self.start) * self.tokens_per_step
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit. Called on every
+        rank (gathering a sharded model's state takes them all); rank 0 saves it."""
+        return {
+            "step": self.step, "tokens": self.tokens_before + self.trained_tokens,
+            "elapsed": self.elapsed_before + self.wall_s,
+            "model": full_model_state(self.raw_model), "optimizer": full_optimizer_state(self.optimizer),
+            "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state(),
+            "val_loss": self.val[1] if self.val is not None and self.val[0] == self.step else None,
+            "model_config": self.raw_model.config.to_dict(), "train_config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        cfg = self.cfg
+        load_model_state(self.raw_model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule comes from the flags (a resumed run may extend --steps).
+        self.scheduler.lr_lambdas = [LRSchedule(cfg.schedule, cfg.steps, cfg.warmup, cfg.min_lr_ratio, cfg.cooldown)
+                                     for _ in self.optimizer.param_groups]
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step = self.start = int(state["step"])
+        self.tokens_before, self.elapsed_before = int(state["tokens"]), float(state["elapsed"])
+        if state.get("val_loss") is not None:
+            self.val = (self.step, float(state["val_loss"]))
+        self.saved_step = self.step
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        if self.main:
+            self.log.sync()  # the log must hold every record the checkpoint covers
+            save_checkpoint(state, self.dir[CHECKPOINT_NAME], keep_previous=self.dir[PREVIOUS_NAME])
+        self.saved_step = self.step
+
+    # ------------------------------------------------------------ resume
+
+    def restore(self) -> None:
+        """With --resume: load the newest readable checkpoint and cut the log back
+        to it. With --overwrite: delete the previous run's files, now that this
+        run's data and model are known to be usable."""
+        if self.cfg.overwrite and self.main:
+            self.dir.discard_previous()
+        if not self.cfg.resume:
             return
-        save_checkpoint({
-            "step": at, "tokens": tokens_before + (at - start) * tokens_per_step, "elapsed": elapsed,
-            "model": model_state, "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(), "rng": rng_state(),
-            "model_config": raw_model.config.to_dict(), "train_config": cfg.to_dict(),
-        }, out_dir / "checkpoint.pt")
+        try:
+            state, path, problems = load_latest_checkpoint(self.dir.path, self.device, STATE_KEYS)
+        except CheckpointError as e:
+            raise ConfigError("--resume", f"{e}; start afresh with --overwrite") from None
+        for problem in problems:
+            self.say(f"warning: {problem}; resuming from the checkpoint before it")
+        if state is None:
+            self.say(f"no checkpoint in {self.dir.path}; starting from step 0")
+        else:
+            self._check_resumable(state, path)
+            try:
+                self.load_state_dict(state)
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise ConfigError("--resume", f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
+        if self.main:
+            self.log.rollback(self.step)
+        if state is not None:
+            self.say(f"resumed from {path} at step {self.step}")
 
-    def run_eval(at: int) -> float:
-        # FSDP: every rank evaluates every window, so all run the same sharded forwards.
-        val = evaluate(model, ds, windows, cfg.seq_len, cfg.batch_size, device, autocast,
-                       *((0, 1) if cfg.fsdp else (rank, world)))
-        if main:
-            _log(log_path, {"kind": "val", "step": at, "val_loss": val, "val_bpb": val * bits_per_token,
-                            "unigram_bpb": unigram})
-            if eval_hook is not None:
-                eval_hook(at, raw_model)
-        return val
+    def _check_resumable(self, state: dict, path) -> None:
+        saved, mine = state["model_config"], self.raw_model.config.to_dict()
+        if saved != mine:
+            diff = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in mine.items() if saved.get(k) != v)
+            raise ConfigError("--resume", f"{path} holds a different model ({diff}); pass that run's --model, "
+                                          "--attention, --parameter-matched and --data, or start afresh with --overwrite")
+        optimizer = state["train_config"].get("optimizer")
+        if optimizer != self.cfg.optimizer:
+            raise ConfigError("--resume", f"{path} was trained with --optimizer {optimizer}, not {self.cfg.optimizer}; "
+                                          "pass the same optimizer or start afresh with --overwrite")
 
-    start = step
-    bar = ProgressBar(stop, start=step, every=cfg.log_every, enabled=main and cfg.progress)
-    model.train()
-    train_time, last_loss, val_loss = 0.0, float("nan"), None
-    while step < stop:
+    # ------------------------------------------------------------ training
+
+    def fit(self, stop: StopRequest) -> None:
+        """Train to --steps (or --stop-after), evaluating and checkpointing on the way."""
+        cfg = self.cfg
+        stop_at = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+        ckpt_every = cfg.ckpt_every or cfg.eval_every
+        self._describe()
+        bar = ProgressBar(stop_at, start=self.step, every=cfg.log_every, enabled=self.main and cfg.progress)
+        self.model.train()
+        try:
+            while self.step < stop_at:
+                stopping = self._train_step(stop)
+                self._log_step(bar)
+                if self.step % cfg.eval_every == 0 or self.step == stop_at:
+                    self._evaluate(bar)
+                if self.step % ckpt_every == 0 or self.step == stop_at or stopping:
+                    self.save_checkpoint()
+                if stopping:
+                    raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME])
+        finally:
+            bar.close()
+        if self.saved_step != self.step and cfg.stop_after is not None and self.step < cfg.steps:
+            self.save_checkpoint()  # --stop-after at the step the run is already at
+
+    def _describe(self) -> None:
+        cfg, ds = self.cfg, self.ds
+        self.say(f"data: {ds.description}: {len(ds.train):,} train / {len(ds.val):,} val tokens, vocab {ds.vocab_size}")
+        self.say(f"system: {self.device}, {torch.get_num_threads()} CPU thread(s), world size {self.world}")
+        self.say(f"model: {cfg.model} ({cfg.attention}{', parameter-matched' if cfg.parameter_matched else ''}), "
+                 f"{self.params:,} parameters; optimizer {cfg.optimizer}")
+        self.say(f"run: {cfg.steps} steps x {self.tokens_per_step:,} tokens (batch {cfg.batch_size} x seq {cfg.seq_len} "
+                 f"x accum {cfg.grad_accum} x {self.world}); unigram baseline {self.unigram:.4f} bits/token")
+
+    def _train_step(self, stop: StopRequest) -> bool:
+        """One optimizer step; True when every rank should stop after it."""
+        cfg, device = self.cfg, self.device
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            x, y = sampler.next()
+            x, y = self.sampler.next()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1 or world == 1 or cfg.fsdp
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast():
-                _, loss = model(x, y)
-                if loss_hook is not None:
-                    loss = loss_hook(step, loss)
+            sync = micro == cfg.grad_accum - 1 or self.world == 1 or cfg.fsdp
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.autocast():
+                _, loss = self.model(x, y)
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(self.step, loss)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
-        loss_avg = loss_sum / cfg.grad_accum
-        if world > 1:
-            dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        loss_avg, stopping = loss_sum / cfg.grad_accum, bool(stop)
+        if self.world > 1:  # the stop flag rides along, so every rank stops after the same step
+            both = torch.stack([loss_avg, torch.tensor(float(stopping), device=device)])
+            dist.all_reduce(both)
+            loss_avg, stopping = both[0] / self.world, bool(both[1] > 0)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
                      if cfg.grad_clip > 0 else torch.zeros(()))
         grad_norm = whole(grad_norm)
-        last_loss = float(loss_avg)
-        if not (math.isfinite(last_loss) and math.isfinite(float(grad_norm))):
-            bar.close()
-            kept = latest_checkpoint(out_dir)
-            what = "loss" if not math.isfinite(last_loss) else "gradient norm"
+        self.last_loss = float(loss_avg)
+        if not (math.isfinite(self.last_loss) and math.isfinite(float(grad_norm))):
+            kept = latest_checkpoint(self.dir.path)
+            what, value = ("loss", self.last_loss) if not math.isfinite(self.last_loss) else ("gradient norm",
+                                                                                              float(grad_norm))
             raise NonFiniteLossError(
-                f"{what} is {last_loss if what == 'loss' else float(grad_norm)} at step {step + 1}; training stopped. "
+                f"{what} is {value} at step {self.step + 1}; training stopped. "
                 + (f"The last good checkpoint is {kept}." if kept else "No checkpoint was written yet.")
                 + " Try a lower --lr / --embed-lr or a longer --warmup.")
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.perf_counter() - t0
-        train_time += dt
-        tok_s = (step - start) * tokens_per_step / max(train_time, 1e-9)
-        if main:
-            _log(log_path, {"kind": "train", "step": step, "loss": last_loss, "lr": lrs[0], "embed_lr": lrs[-1],
-                            "tokens": tokens_before + (step - start) * tokens_per_step, "tokens_per_s": tok_s})
-        bar.update(step, loss=last_loss, tok_s=int(tok_s))
-        if step % cfg.eval_every == 0 or step == stop:
-            val_loss = run_eval(step)
-            if main:
-                bar.write(f"step {step}: val_loss {val_loss:.4f}  val_bpb {val_loss * bits_per_token:.4f}  "
-                          f"(unigram {unigram:.4f})", out)
-        if step % ckpt_every == 0 or step == stop:
-            checkpoint(step, time_before + time.perf_counter() - t_start)
-    bar.close()
-    if start == stop and cfg.stop_after is not None and step < cfg.steps:
-        checkpoint(step, time_before + time.perf_counter() - t_start)  # --stop-after at the current step
+        self.lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.train_s += time.perf_counter() - t0
+        return stopping
 
-    if val_loss is None:  # nothing trained in this call (steps=0 or already done)
-        val_loss = run_eval(step)
-    if main:
-        plot_losses(log_path, out_dir / PLOT_NAME, baseline=unigram / bits_per_token,
-                    title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
-    finished = step >= cfg.steps
-    sample_model = unsharded_copy(raw_model) if finished and cfg.sample_tokens > 0 else None  # every rank
-    if main and sample_model is not None:
-        prompt_len = min(32, raw_model.config.block_size // 2, len(ds.val))
-        prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(device)[None]
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        tokens = sample_model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
+    def _log_step(self, bar: ProgressBar) -> None:
+        tokens_per_s = self.trained_tokens / max(self.train_s, 1e-9)
+        if self.main:
+            self.log.append({"kind": "train", "step": self.step, "loss": self.last_loss, "lr": self.lrs[0],
+                             "embed_lr": self.lrs[-1], "tokens": self.tokens_before + self.trained_tokens,
+                             "train_tokens_per_s": tokens_per_s, "wall_s": self.wall_s})
+        bar.update(self.step, loss=self.last_loss, train_tok_s=int(tokens_per_s))
+
+    def _evaluate(self, bar: ProgressBar | None = None) -> float:
+        cfg = self.cfg
+        # FSDP: every rank evaluates every window, so all run the same sharded forwards.
+        val = evaluate(self.model, self.ds, self.windows, cfg.seq_len, cfg.batch_size, self.device, self.autocast,
+                       *((0, 1) if cfg.fsdp else (self.rank, self.world)))
+        self.val = (self.step, val)
+        if self.main:
+            self.log.append({"kind": "val", "step": self.step, "val_loss": val, "val_bpb": val * self.bits_per_nat,
+                             "unigram_bpb": self.unigram})
+            if self.eval_hook is not None:
+                self.eval_hook(self.step, self.raw_model)
+            line = (f"step {self.step}: val_loss {val:.4f}  val_bpb {val * self.bits_per_nat:.4f}  "
+                    f"(unigram {self.unigram:.4f})")
+            if bar is not None:
+                bar.write(line, self.out)
+            else:
+                self.say(line)
+        return val
+
+    # ------------------------------------------------------------ outputs
+
+    def finish(self, stop: StopRequest) -> dict:
+        """Plot, sample and summary; returns the summary."""
+        cfg = self.cfg
+        if self.val is None or self.val[0] != self.step:  # nothing evaluated at this step yet
+            self._evaluate()
+        if stop:
+            raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME])
+        if self.main:
+            plot_losses(self.dir[LOG_NAME], self.dir[PLOT_NAME], baseline=self.unigram / self.bits_per_nat,
+                        title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
+        finished = self.step >= cfg.steps
+        if finished and cfg.sample_tokens > 0:
+            self._write_sample()
+        summary = self.summary(finished)
+        if self.main and cfg.export_hf:
+            from ..hf.export import save_pretrained_gpt  # optional extra: imported only when asked for
+
+            self.say(f"exported the model to {save_pretrained_gpt(self.raw_model, cfg.export_hf)} (transformers format)")
+        if self.main:
+            with atomic_write(self.dir[SUMMARY_NAME]) as f:
+                f.write((json.dumps(summary, indent=1) + "\n").encode())
+            self.say(format_summary(summary))
+        return summary
+
+    def _write_sample(self) -> None:
+        """Called on every rank; rank 0 generates and writes."""
+        model = unsharded_copy(self.raw_model)  # every rank
+        if not self.main:
+            return
+        cfg, ds = self.cfg, self.ds
+        prompt_len = min(32, self.raw_model.config.block_size // 2, len(ds.val))
+        prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(self.device)[None]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        tokens = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
         text = ds.decode(tokens[0].tolist())
-        (out_dir / SAMPLE_NAME).write_text(text)
-        say("---- sample (prompt: the first %d tokens of the val split) ----\n%s\n----" % (prompt_len, text))
+        with atomic_write(self.dir[SAMPLE_NAME]) as f:
+            f.write(text.encode())
+        self.say("---- sample (prompt: the first %d tokens of the val split) ----\n%s\n----" % (prompt_len, text))
 
-    summary = {
-        "status": "done" if finished else "stopped",
-        "step": step,
-        "steps": cfg.steps,
-        "val_loss": val_loss,
-        "val_bpb": val_loss * bits_per_token,
-        "unigram_bpb": unigram,
-        "bpb_ratio": val_loss * bits_per_token / unigram,
-        "train_loss": last_loss,
-        "tokens": tokens_before + (step - start) * tokens_per_step,
-        "tokens_per_s": (step - start) * tokens_per_step / train_time if train_time > 0 else 0.0,
-        "params": params,
-        "time_s": time.perf_counter() - t_start,
-        "world_size": world,
-        "out": str(out_dir),
-    }
-    if main and cfg.export_hf:
-        from ..hf.export import save_pretrained_gpt  # optional extra: imported only when asked for
-
-        say(f"exported the model to {save_pretrained_gpt(raw_model, cfg.export_hf)} (transformers format)")
-    if main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        say(format_summary(summary))
-    return summary
+    def summary(self, finished: bool) -> dict:
+        """train_s / train_tokens_per_s: the training steps only (no evaluation,
+        checkpoints or sampling); wall_s / tokens_per_s: this process's whole run."""
+        val_loss = self.val[1]
+        wall_s = self.wall_s
+        return {
+            "status": "done" if finished else "stopped",
+            "step": self.step,
+            "steps": self.cfg.steps,
+            "val_loss": val_loss,
+            "val_bpb": val_loss * self.bits_per_nat,
+            "unigram_bpb": self.unigram,
+            "bpb_ratio": val_loss * self.bits_per_nat / self.unigram,
+            "train_loss": self.last_loss,
+            "tokens": self.tokens_before + self.trained_tokens,
+            "train_s": self.train_s,
+            "train_tokens_per_s": self.trained_tokens / self.train_s if self.train_s > 0 else 0.0,
+            "wall_s": wall_s,
+            "tokens_per_s": self.trained_tokens / wall_s if wall_s > 0 else 0.0,
+            "params": self.params,
+            "world_size": self.world,
+            "out": str(self.dir.path),
+        }

@@ -1,15 +1,10 @@
 """Loss curves as a PNG (matplotlib, Agg backend; skipped if matplotlib is missing)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_log(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from .atomic import atomic_write
+from .runlog import read_log
 
 
 def plot_losses(log_path: str | Path, png_path: str | Path, *, title: str = "", baseline: float | None = None) -> Path | None:
@@ -47,6 +42,7 @@ def plot_losses(log_path: str | Path, png_path: str | Path, *, title: str = "", 
     ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
-    fig.savefig(png_path)
+    with atomic_write(png_path) as f:  # a kill mid-save leaves the old plot
+        fig.savefig(f, format="png")
     plt.close(fig)
     return png_path

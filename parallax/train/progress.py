@@ -23,7 +23,8 @@ class ProgressBar:
         self._drawn = False
 
     def update(self, step: int, **metrics) -> None:
-        """Show progress at `step` (steps done) with metrics (loss=..., tok_s=...)."""
+        """Show progress at `step` (steps done) with metrics (loss=..., train_tok_s=...);
+        `wall` is the time since the bar started, evaluations and checkpoints included."""
         self.step = step
         if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
             return
@@ -35,7 +36,7 @@ class ProgressBar:
         bar = "#" * fill + "-" * (self.width - fill)
         parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         eta_s = _hms(eta) if eta == eta else "--:--"
-        line = f"[{bar}] {step}/{self.total} {parts} elapsed={_hms(elapsed)} eta={eta_s}"
+        line = f"[{bar}] {step}/{self.total} {parts} wall={_hms(elapsed)} eta={eta_s}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self._drawn = True

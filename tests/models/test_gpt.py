@@ -116,3 +116,42 @@ def test_generate_greedy_is_argmax():
     prompt = torch.randint(0, 256, (1, 6))
     out = model.generate(prompt, 1, temperature=0)
     assert out[0, -1] == model(prompt)[0][0, -1].argmax()
+
+
+@pytest.mark.parametrize("prompt,kwargs,error,match", [
+    (torch.zeros(1, 0, dtype=torch.long), {}, ValueError, "non-empty prompt"),
+    (torch.zeros(0, 3, dtype=torch.long), {}, ValueError, "non-empty prompt"),
+    (torch.zeros(4, dtype=torch.long), {}, ValueError, r"shape \[batch, seq\]"),
+    (torch.zeros(1, 3), {}, TypeError, "idx must be an int64 or int32 tensor"),
+    (torch.full((1, 3), 256), {}, ValueError, r"token ids in \[0, 256\)"),
+    (torch.full((1, 3), -1), {}, ValueError, r"token ids in \[0, 256\)"),
+    (None, dict(max_new_tokens=-1), ValueError, "max_new_tokens must be an int >= 0"),
+    (None, dict(max_new_tokens=2.0), ValueError, "max_new_tokens must be an int >= 0"),
+    (None, dict(temperature=-0.5), ValueError, "temperature must be a finite number >= 0"),
+    (None, dict(temperature=float("nan")), ValueError, "temperature must be a finite number >= 0"),
+    (None, dict(temperature=float("inf")), ValueError, "temperature must be a finite number >= 0"),
+    (None, dict(top_k=0), ValueError, "top_k must be None or an int >= 1"),
+    (None, dict(top_k=2.5), ValueError, "top_k must be None or an int >= 1"),
+    (None, dict(top_k=True), ValueError, "top_k must be None or an int >= 1"),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_rejects_bad_arguments_and_keeps_the_mode(prompt, kwargs, error, match, training):
+    model = GPT(preset("tiny")).train(training)
+    args = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        model.generate(torch.zeros(1, 3, dtype=torch.long) if prompt is None else prompt, **args)
+    assert model.training is training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_restores_the_mode_after_an_error_inside(training, monkeypatch):
+    model = GPT(preset("tiny")).train(training)
+
+    def fail(*args, **kwargs):
+        assert not model.training  # generation runs in eval mode
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "hidden_states", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2)
+    assert model.training is training

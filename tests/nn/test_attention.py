@@ -116,6 +116,20 @@ def test_bad_arguments():
         ParallaxAttention(DIM, HEADS)(torch.randn(4, DIM))
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(head_dim=0), "head_dim must be an int >= 1"),
+    (dict(head_dim=-2), "head_dim must be an int >= 1"),
+    (dict(rope_theta=0.0), "rope_theta must be a finite number > 0"),
+    (dict(rope_theta=-10000.0), "rope_theta must be a finite number > 0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0"),
+    (dict(window_size=0), "window_size must be >= 1"),
+])
+def test_bad_layer_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ParallaxAttention(DIM, HEADS, **kwargs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_on_cuda_matches_cpu(dtype):

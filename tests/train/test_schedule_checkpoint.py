@@ -81,3 +81,34 @@ def test_load_refuses_arbitrary_objects(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="weights_only|Unsupported global"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_previous_checkpoint_is_kept_until_the_new_one_is_verified(tmp_path, monkeypatch):
+    latest, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    for step in (1, 2):
+        save_checkpoint({"step": step}, latest, keep_previous=previous)
+    assert load_checkpoint(latest)["step"] == 2 and load_checkpoint(previous)["step"] == 1
+
+    def unreadable(path, map_location="cpu"):
+        raise ckpt_mod.CheckpointError(f"{path} reads back wrong")
+
+    monkeypatch.setattr(ckpt_mod, "read_checkpoint", unreadable)
+    with pytest.raises(ckpt_mod.CheckpointError, match="reads back wrong"):
+        save_checkpoint({"step": 3}, latest, keep_previous=previous)
+    monkeypatch.undo()
+    assert load_checkpoint(latest)["step"] == 2 and load_checkpoint(previous)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.prev.pt", "checkpoint.pt"]
+
+
+def test_load_latest_falls_back_and_reports_why(tmp_path):
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "checkpoint.pt")
+    save_checkpoint({"step": 2, "w": torch.ones(3)}, tmp_path / "checkpoint.pt",
+                    keep_previous=tmp_path / "checkpoint.prev.pt")
+    state, path, problems = ckpt_mod.load_latest_checkpoint(tmp_path, required=("step", "w"))
+    assert state["step"] == 2 and path.name == "checkpoint.pt" and problems == []
+    (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
+    state, path, problems = ckpt_mod.load_latest_checkpoint(tmp_path)
+    assert state["step"] == 1 and path.name == "checkpoint.prev.pt" and "checkpoint.pt cannot be read" in problems[0]
+    with pytest.raises(ckpt_mod.CheckpointError, match="no readable checkpoint.*lacks optimizer"):
+        ckpt_mod.load_latest_checkpoint(tmp_path, required=("optimizer",))
+    assert ckpt_mod.load_latest_checkpoint(tmp_path / "empty") == (None, None, [])

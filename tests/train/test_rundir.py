@@ -1,0 +1,54 @@
+"""--out ownership: one live run per directory, stale locks never block, and
+a previous run is only continued or replaced when asked."""
+import json
+import os
+import socket
+
+import pytest
+
+from parallax.train.config import ConfigError
+from parallax.train.rundir import LOCK_NAME, RunDir
+
+
+def test_a_second_claim_names_the_holder_and_the_first_release_frees_it(tmp_path):
+    first = RunDir.claim(tmp_path / "run", resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match=rf"--out: .* is in use by another run \(pid {os.getpid()} on host "
+                                          rf"{socket.gethostname()}, started "):
+        RunDir.claim(tmp_path / "run", resume=True, overwrite=False)
+    first.release()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    RunDir.claim(tmp_path / "run", resume=False, overwrite=False).release()
+
+
+def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "gone", "started": "yesterday"}))
+    (tmp_path / "checkpoint.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # killed mid-save
+    run = RunDir.claim(tmp_path, resume=False, overwrite=False)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "checkpoint.pt.abc123.tmp").exists()
+    run.release()
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint.prev.pt", "log.jsonl", "summary.json"])
+def test_a_fresh_run_refuses_a_directory_holding_a_previous_run(tmp_path, name):
+    (tmp_path / name).write_text("previous")
+    (tmp_path / "notes.txt").write_text("not ours")
+    with pytest.raises(ConfigError, match=rf"holds a previous run \({name}\); pass --resume to continue it or "
+                                          r"--overwrite to replace it"):
+        RunDir.claim(tmp_path, resume=False, overwrite=False)
+    assert not (tmp_path / LOCK_NAME).exists()  # the refusal released the lock
+    RunDir.claim(tmp_path, resume=True, overwrite=False).release()
+    assert (tmp_path / name).exists()
+    run = RunDir.claim(tmp_path, resume=False, overwrite=True)
+    assert (tmp_path / name).exists()  # kept until the new run has passed its checks
+    run.discard_previous()
+    run.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own files go
+
+
+def test_unusable_out_directories(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="--out: .*file is a file, not a directory"):
+        RunDir.claim(tmp_path / "file", resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="--out: cannot create .*file/sub"):
+        RunDir.claim(tmp_path / "file" / "sub", resume=False, overwrite=False)
