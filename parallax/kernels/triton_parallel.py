@@ -123,21 +123,57 @@ def query_tile(pid, cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def tile_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a [rows, BLOCK_D] tile; the head-dim test only where the head
+    dim is padded, so unpadded tiles mask whole rows (fewer predicates)."""
+    if BLOCK_D == HEAD_DIM:
+        mask = tl.broadcast_to(rows_ok[:, None], (rows_ok.shape[0], BLOCK_D))
+    else:
+        mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
+def tile_pointers(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """(pointers, mask) of the [BLOCK_ROWS, BLOCK_D] tile at row `first` of the
+    [rows, HEAD_DIM] matrix at `base` (rows `stride` elements apart). The
+    tile's start is a scalar and the offsets within it int32, so the pointer
+    tensor costs half the registers of int64 offsets."""
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    start = base + first.to(tl.int64) * stride
+    ptrs = start + (offs_r[:, None] * stride + offs_d[None, :])
+    return ptrs, tile_mask(first + offs_r < rows, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def load_tile(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_D] tile at row `first` of the [rows, HEAD_DIM]
+    matrix at `base`, zero outside it (rows past its end, head-dim padding)."""
+    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, rows, stride, first, value, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Store `value` (in the tensor's dtype) as the tile `load_tile` reads."""
+    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
+    tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def query_tile_offsets(batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """For a query tile found by `query_tile`: (rows it holds, row indices,
-    int64 offsets of its [BLOCK_M, BLOCK_D] elements in [B, T, HQ, D] tensors,
-    their mask, offset of its KV head's first key in [B, S, HK, D] tensors)."""
-    q_stride = HQ * HEAD_DIM
+    offset of its sequence's first row for its head in [B, T, HQ, D] tensors,
+    offset of its KV head's first key in [B, S, HK, D] tensors)."""
     rows = tl.minimum(BLOCK_M, seq_len - m0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    first = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
-    row_ptrs = first + offs_m[:, None] * q_stride + offs_d[None, :]
-    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    q_base = (batch.to(tl.int64) * T + seq_start) * (HQ * HEAD_DIM) + head * HEAD_DIM
     kv_base = key_start.to(tl.int64) * (HK * HEAD_DIM) + (head // GROUP) * HEAD_DIM
-    return rows, offs_m, row_ptrs, row_mask, kv_base
+    return rows, offs_m, q_base, kv_base
 
 
 @triton.jit

@@ -1,12 +1,18 @@
 """Fused Parallax backward: closed-form gradients of docs/parallax-math.md.
 
-Three launches, all deterministic (no atomics):
-1. per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the forward);
-2. one program per (key tile, batch * kv_head) keeps its K/V tile resident,
-   loops over the G query heads of its group and the query tiles that see it,
-   and accumulates dK, dV in registers: no G-times-larger buffer for GQA;
-3. one program per (query tile, batch * head) streams the key tiles it sees
-   and accumulates dQ, dR.
+First, per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the
+forward). Then one program per (key tile, batch * kv_head) keeps its K/V tile
+resident, loops over the G query heads of its group and the query tiles that
+see it, and accumulates dK, dV in registers (no G-times-larger buffer for GQA).
+
+- Default (fused): the same program also adds its share of dQ and dR into
+  float32 buffers with atomics: 8 tile products per (query, key) tile pair,
+  one main launch, but the float32 sums' order (so their last bits) varies
+  from run to run.
+- deterministic=True: dQ/dR come from a third launch, one program per (query
+  tile, batch * head) streaming the key tiles it sees, which recomputes the
+  scores: 11 products, no atomics, bitwise reproducible.
+
 Weights are recomputed from the saved lse: p = exp(scale * q.k - lse).
 
 This module imports triton at load time; import it lazily.
@@ -18,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, query_range, query_tile,
-    query_tile_offsets, tile_phases, tiles_per_head, visible,
+    AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
+    query_tile_offsets, store_tile, tile_phases, tile_pointers, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
 
@@ -47,56 +53,67 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
 
 
 @triton.jit
-def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, lse_seq, sbar_seq, delta_seq, dmu_seq,
+def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq,
+                    lse_seq, sbar_seq, delta_seq, dmu_seq,
                     q_stride, first, count, key_pos, T, S, window, scale, qk_scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Add the contributions of `count` query tiles from row `first` to dK, dV.
+                    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `count` query tiles from row `first` to dK, dV
+    (and, FUSED, atomically to the float32 dQ, dR buffers).
 
-    Works on transposed [keys, queries] score tiles so every product takes its
-    operands as loaded.
+    Works on transposed [keys, queries] score tiles so the dK, dV products take
+    their operands as loaded.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     for step in range(count):
         m0 = first + step * BLOCK_M
         rows = m0 + offs_m
-        tile_ptrs = m0.to(tl.int64) * q_stride + offs_m[:, None] * q_stride + offs_d[None, :]
-        in_bounds = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-        q_tile = tl.load(q_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        r_tile = tl.load(r_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        do_tile = tl.load(do_seq + tile_ptrs, mask=in_bounds, other=0.0)
         row_ok = rows < T
+        q_tile = load_tile(q_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+        r_tile = load_tile(r_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+        do_tile = load_tile(do_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
         lse_log2 = tl.load(lse_seq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
         row_sbar = tl.load(sbar_seq + rows, mask=row_ok, other=0.0)
         row_delta = tl.load(delta_seq + rows, mask=row_ok, other=0.0)
         row_dmu = tl.load(dmu_seq + rows, mask=row_ok, other=0.0)
 
+        # Each score tile is consumed as soon as it is made, to keep few alive.
         s1 = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)
-        s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
-        g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[None, :])
         if MASKED:
             p = tl.where(visible(rows[None, :], key_pos[:, None], T, S, window, IS_CAUSAL, HAS_WINDOW), p, 0.0)
+        s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
         lever = 1.0 + row_sbar[None, :] - s2  # w = p * lever
-        centred = g - row_dmu[None, :]
-        ds2 = -p * centred
-        ds1 = p * (centred * lever + (row_dmu - row_delta)[None, :])
         dv = tl.dot((p * lever).to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot((ds1 * scale).to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
-        dk = tl.dot(ds2.to(r_tile.dtype), r_tile, dk, input_precision=DOT_PRECISION)
+        g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+        centred = g - row_dmu[None, :]
+        ds2 = (-p * centred).to(r_tile.dtype)
+        ds1 = (p * (centred * lever + (row_dmu - row_delta)[None, :]) * scale).to(q_tile.dtype)
+        dk = tl.dot(ds1, q_tile, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds2, r_tile, dk, input_precision=DOT_PRECISION)
+        if FUSED:
+            # Relaxed: nothing reads the sums until the launch ends.
+            dq_ptrs, in_bounds = tile_pointers(dq_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dq = tl.dot(tl.trans(ds1), k_tile, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptrs, dq, mask=in_bounds, sem="relaxed")
+            dr_ptrs, in_bounds = tile_pointers(dr_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dr = tl.dot(tl.trans(ds2), k_tile, input_precision=DOT_PRECISION)
+            tl.atomic_add(dr_ptrs, dr, mask=in_bounds, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+# Autotuning benchmarks launch the fused kernel repeatedly: zero its
+# accumulators before each run.
+@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY + ["FUSED"], prune_configs_by=PRUNE,
+                 reset_to_zero=["dq_acc", "dr_acc"])
 @triton.jit
 def _parallax_bwd_dkdv_kernel(
-    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, cu_seqlens,
+    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu_seqlens,
     scale, T, S, HQ, HK, window, num_seqs, steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_tiles = tl.cdiv(S, BLOCK_N)
     if IS_VARLEN:
@@ -118,12 +135,15 @@ def _parallax_bwd_dkdv_kernel(
     kv_stride = HK * HEAD_DIM
     cols = tl.minimum(BLOCK_N, seq_len - n0)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_rows = (batch.to(tl.int64) * S + seq_start + n0) * kv_stride + kv_head * HEAD_DIM
-    tile_ptrs = offs_n[:, None] * kv_stride + offs_d[None, :]
-    tile_mask = (offs_n[:, None] < cols) & (offs_d[None, :] < HEAD_DIM)
-    k_tile = tl.load(k + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
-    v_tile = tl.load(v + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
+    kv_base = (batch.to(tl.int64) * S + seq_start) * kv_stride + kv_head * HEAD_DIM
+    k_tile = load_tile(k + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v_tile = load_tile(v + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    if HAS_WINDOW:
+        # Keys older than every query's window count as zeros (dQ would
+        # otherwise pick up 0 * whatever they hold), as in the forward.
+        seen = (n0 + offs_n > seq_len - query_len - window)[:, None]
+        k_tile = tl.where(seen, k_tile, 0.0)
+        v_tile = tl.where(seen, v_tile, 0.0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
@@ -137,21 +157,23 @@ def _parallax_bwd_dkdv_kernel(
         stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
         dk_acc, dv_acc = _stream_queries(
             dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo, head_tiles, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, FUSED, DOT_PRECISION)
         dk_acc, dv_acc = _stream_queries(
             dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo + head_tiles * BLOCK_M, full_tiles, key_pos, query_len, seq_len, window, scale,
-            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
+            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, False, FUSED, DOT_PRECISION)
         dk_acc, dv_acc = _stream_queries(
             dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo + (head_tiles + full_tiles) * BLOCK_M, tail_tiles, key_pos, query_len, seq_len, window,
-            scale, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    tl.store(dk + kv_rows + tile_ptrs, dk_acc.to(dk.dtype.element_ty), mask=tile_mask)
-    tl.store(dv + kv_rows + tile_ptrs, dv_acc.to(dv.dtype.element_ty), mask=tile_mask)
+            scale, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, FUSED, DOT_PRECISION)
+    store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
+               HEAD_DIM, BLOCK_N, BLOCK_D)
+    store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
+               HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -162,20 +184,17 @@ def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_d
                       DOT_PRECISION: tl.constexpr):
     """Add the contributions of `count` key tiles from key `first` to dQ / scale and dR."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for step in range(count):
         n0 = first + step * BLOCK_N
-        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
-        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[:, None])
         if MASKED:
             p = tl.where(visible(query_pos[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW),
                          p, 0.0)
+        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         centred = g - row_dmu[:, None]
         ds2 = -p * centred
         ds1 = p * (centred * (1.0 + row_sbar[:, None] - s2) + (row_dmu - row_delta)[:, None])
@@ -198,12 +217,13 @@ def _parallax_bwd_dq_kernel(
     if m0 >= seq_len:
         return
 
-    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
-        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
+    rows, offs_m, q_base, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, GROUP, BLOCK_M)
+    q_stride = HQ * HEAD_DIM
     kv_stride = HK * HEAD_DIM
-    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
-    do_tile = tl.load(do + row_ptrs, mask=row_mask, other=0.0)
+    q_tile = load_tile(q + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    r_tile = load_tile(r + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    do_tile = load_tile(do + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     row_ok = offs_m < rows
     lse_log2 = tl.load(lse + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
@@ -232,24 +252,34 @@ def _parallax_bwd_dq_kernel(
         k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N, total - head_tiles - full_tiles,
         query_pos, seq_len, key_len, window, qk_scale_log2,
         HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    tl.store(dq + row_ptrs, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_mask)
-    tl.store(dr + row_ptrs, dr_acc.to(dr.dtype.element_ty), mask=row_mask)
+    store_tile(dq + q_base, seq_len, q_stride, m0, (dq_acc * scale).to(dq.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
+    store_tile(dr + q_base, seq_len, q_stride, m0, dr_acc.to(dr.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
-def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens):
+def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens,
+                 deterministic: bool = False):
     """Contiguous tensors from `parallax_fwd` plus dO -> (dq, dr, dk, dv).
 
     Besides the four gradients it allocates two float32 [B, HQ, T] row
-    statistics, whatever the GQA group size.
+    statistics, whatever the GQA group size, and, fused (the default), float32
+    dQ and dR accumulators ([B, T, HQ, D] each).
     """
     B, T, HQ, D = q.shape
     S, HK = k.shape[1], k.shape[2]
-    dq, dr = torch.empty_like(q), torch.empty_like(r)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     dmu = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    fused = not deterministic
+    if fused:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq, dr = torch.empty_like(q), torch.empty_like(r)
+        dq_acc = dr_acc = delta  # placeholders the deterministic kernel never touches
     if D == 0 or B * HQ == 0:
-        return dq, dr, dk, dv
+        return _gradients(q, dq_acc, dr_acc) + (dk, dv) if fused else (dq, dr, dk, dv)
     block_d = head_block(D)
     rows = B * T * HQ
     if rows:
@@ -267,7 +297,10 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
             return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK,)
 
         _parallax_bwd_dkdv_kernel[key_grid](
-            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, cu, *scalars, **common)
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu, *scalars,
+            FUSED=fused, **common)
+    if fused:
+        return _gradients(q, dq_acc, dr_acc) + (dk, dv)
     if T:
         def query_grid(meta):
             return (tiles_per_head(T, num_seqs, meta["BLOCK_M"], is_varlen) * B * HQ,)
@@ -275,3 +308,8 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
         _parallax_bwd_dq_kernel[query_grid](
             q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, **common)
     return dq, dr, dk, dv
+
+
+def _gradients(q, dq_acc, dr_acc):
+    """The fused kernel's float32 sums in q's dtype (dq is already scaled)."""
+    return dq_acc.to(q.dtype), dr_acc.to(q.dtype)

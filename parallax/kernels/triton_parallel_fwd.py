@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, query_tile, query_tile_offsets, search_steps,
-    tile_phases, tiles_per_head, visible,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
+    search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
 
 
@@ -28,13 +28,10 @@ def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, f
                  DOT_PRECISION: tl.constexpr):
     """Fold `count` key tiles starting at key `first` into the running state."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     for step in range(count):
         n0 = first + step * BLOCK_N
-        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
-        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale_log2
         s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
         if MASKED:
@@ -69,11 +66,12 @@ def _parallax_fwd_kernel(
     if m0 >= seq_len:
         return
 
-    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
-        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
+    rows, offs_m, q_base, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, GROUP, BLOCK_M)
+    q_stride = HQ * HEAD_DIM
     kv_stride = HK * HEAD_DIM
-    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
+    q_tile = load_tile(q + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    r_tile = load_tile(r + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
     k_seq = k + kv_base
     v_seq = v + kv_base
 
@@ -107,8 +105,10 @@ def _parallax_fwd_kernel(
     row_sbar = d2 * inv_d1
     row_mu = o1 * inv_d1[:, None]
     out = row_mu * (1.0 + row_sbar)[:, None] - o2 * inv_d1[:, None]
-    tl.store(o + row_ptrs, out.to(o.dtype.element_ty), mask=row_mask)
-    tl.store(mu + row_ptrs, row_mu.to(mu.dtype.element_ty), mask=row_mask)
+    store_tile(o + q_base, seq_len, q_stride, m0, out.to(o.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
+    store_tile(mu + q_base, seq_len, q_stride, m0, row_mu.to(mu.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     # lse = +inf on empty rows makes every backward weight exp(s - lse) = 0.
     row_lse = tl.where(seen, (m_i + tl.log2(safe_d1)) * 0.6931471805599453, float("inf"))  # ln(2)
