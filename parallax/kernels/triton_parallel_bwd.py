@@ -55,18 +55,20 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
 @triton.jit
 def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq,
                     lse_seq, sbar_seq, delta_seq, dmu_seq,
-                    q_stride, first, count, key_pos, T, S, window, scale, qk_scale_log2,
+                    q_stride, first, head_tiles, full_tiles, total, key_pos, T, S, window, scale, qk_scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the contributions of `count` query tiles from row `first` to dK, dV
-    (and, FUSED, atomically to the float32 dQ, dR buffers).
+    """Add the contributions of `total` query tiles from row `first` to dK, dV
+    (and, FUSED, atomically to the float32 dQ, dR buffers); tiles outside
+    [head_tiles, head_tiles + full_tiles) are masked (one loop, as in the
+    forward's `_stream_keys`).
 
     Works on transposed [keys, queries] score tiles so the dK, dV products take
     their operands as loaded.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    for step in range(count):
+    for step in range(total):
         m0 = first + step * BLOCK_M
         rows = m0 + offs_m
         row_ok = rows < T
@@ -81,7 +83,7 @@ def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq
         # Each score tile is consumed as soon as it is made, to keep few alive.
         s1 = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[None, :])
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             p = tl.where(visible(rows[None, :], key_pos[:, None], T, S, window, IS_CAUSAL, HAS_WINDOW), p, 0.0)
         s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
         lever = 1.0 + row_sbar[None, :] - s2  # w = p * lever
@@ -150,26 +152,15 @@ def _parallax_bwd_dkdv_kernel(
     key_pos = n0 + offs_n
     lo, hi, full_lo, full_hi = query_range(n0, cols, query_len, seq_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_N)
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_M)
-    tail_tiles = total - head_tiles - full_tiles
     for member in range(GROUP):
         head = kv_head * GROUP + member
         q_offset = (batch.to(tl.int64) * T + seq_start) * q_stride + head * HEAD_DIM
         stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
         dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo, head_tiles, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, FUSED, DOT_PRECISION)
-        dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo + head_tiles * BLOCK_M, full_tiles, key_pos, query_len, seq_len, window, scale,
-            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, False, FUSED, DOT_PRECISION)
-        dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            dq_acc + q_offset, dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo + (head_tiles + full_tiles) * BLOCK_M, tail_tiles, key_pos, query_len, seq_len, window,
-            scale, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, FUSED, DOT_PRECISION)
+            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset, dq_acc + q_offset,
+            dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            q_stride, lo, head_tiles, full_tiles, total, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION)
     store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
                HEAD_DIM, BLOCK_N, BLOCK_D)
     store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
@@ -178,19 +169,19 @@ def _parallax_bwd_dkdv_kernel(
 
 @triton.jit
 def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-                      k_seq, v_seq, kv_stride, first, count, query_pos, T, S, window, qk_scale_log2,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Add the contributions of `count` key tiles from key `first` to dQ / scale and dR."""
+                      k_seq, v_seq, kv_stride, first, head_tiles, full_tiles, total, query_pos, T, S, window,
+                      qk_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `total` key tiles from key `first` to dQ / scale
+    and dR; tiles outside [head_tiles, head_tiles + full_tiles) are masked."""
     offs_n = tl.arange(0, BLOCK_N)
-    for step in range(count):
+    for step in range(total):
         n0 = first + step * BLOCK_N
         k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[:, None])
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             p = tl.where(visible(query_pos[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW),
                          p, 0.0)
         s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
@@ -241,17 +232,8 @@ def _parallax_bwd_dq_kernel(
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
     dq_acc, dr_acc = _stream_keys_grad(
         dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo, head_tiles, query_pos, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    dq_acc, dr_acc = _stream_keys_grad(
-        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles, query_pos, seq_len, key_len, window,
-        qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
-    dq_acc, dr_acc = _stream_keys_grad(
-        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N, total - head_tiles - full_tiles,
-        query_pos, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+        k_seq, v_seq, kv_stride, lo, head_tiles, full_tiles, total, query_pos, seq_len, key_len, window,
+        qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
     store_tile(dq + q_base, seq_len, q_stride, m0, (dq_acc * scale).to(dq.dtype.element_ty),
                HEAD_DIM, BLOCK_M, BLOCK_D)
     store_tile(dr + q_base, seq_len, q_stride, m0, dr_acc.to(dr.dtype.element_ty),

@@ -21,20 +21,22 @@ from .triton_parallel import (
 
 
 @triton.jit
-def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, first, count,
-                 offs_m, T, S, window, qk_scale_log2,
+def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, first, head_tiles, full_tiles,
+                 total, offs_m, T, S, window, qk_scale_log2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Fold `count` key tiles starting at key `first` into the running state."""
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold `total` key tiles starting at key `first` into the running state;
+    tiles outside [head_tiles, head_tiles + full_tiles) are masked. One loop
+    (not one per run of tiles): each loop keeps its own copy of the loop
+    state in registers, and ptxas spills when there are three."""
     offs_n = tl.arange(0, BLOCK_N)
-    for step in range(count):
+    for step in range(total):
         n0 = first + step * BLOCK_N
         k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale_log2
         s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             keep = visible(offs_m[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW)
             s1 = tl.where(keep, s1, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s1, 1))
@@ -85,18 +87,9 @@ def _parallax_fwd_kernel(
     lo, hi, full_lo, full_hi = key_range(m0, rows, seq_len, key_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M)
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
     m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo, head_tiles,
+        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo, head_tiles, full_tiles, total,
         positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles,
-        positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
-    m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N,
-        total - head_tiles - full_tiles,
-        positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
 
     # Rows that saw no key (d1 == 0) output 0.
     seen = d1 > 0
