@@ -35,17 +35,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .aot_scenarios import DECODE_LAYOUTS, TRAINING_KINDS, Scenario
+from .resources import REGISTERS_PER_BLOCK, SPILL_BUDGET
 
 ARCHS = (90, 80)
 DTYPES = ("bfloat16", "float16", "float32")
 HEAD_DIMS = (64, 80, 128, 256)
 KINDS = TRAINING_KINDS + ("decode",)
-# ptxas spill stores per thread a kept config may have. A few bytes of spill
-# in a cold path is harmless; hundreds in the main loop cost bandwidth.
-SPILL_BUDGET = 64
-# Limits of the GPUs compiled for (aot_capture.DEVICES has the same shared sizes).
+# Limits of the GPUs compiled for (aot_capture.DEVICES has the same shared
+# sizes); SPILL_BUDGET: ptxas spill stores per thread a kept config may have
+# (a few bytes in a cold path are harmless, hundreds in the main loop are not).
 MAX_SHARED = {90: 232448, 80: 166912}
-REGISTERS_PER_BLOCK = 65536
 # Flags the table shows in their own column, not in the config.
 _DESCRIBED = {"HEAD_DIM", "BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "IS_VARLEN", "DOT_PRECISION", "FUSED",
               "PAGED", "APPEND", "PAGE_SIZE"}
@@ -54,11 +53,13 @@ HEAVIEST = dict(causal=True, window=True, varlen=True, group=4)
 
 def training_scenarios(archs, dtypes, head_dims, kinds, flag_sweep=True):
     """Every kept config at the heaviest flags (all masks, varlen, GQA), for
-    every arch, dtype and head dim; and, at sm_90 bf16 D=128 (when selected),
+    every arch, dtype and head dim (float32 where it goes to Triton); and, at sm_90 bf16 D=128 (when selected),
     every combination of the flags that change code."""
+    from .resources import FLOAT32_MAX_HEAD_DIM
+
     out = []
     for kind, arch, dtype, d in itertools.product(kinds, archs, dtypes, head_dims):
-        if kind in TRAINING_KINDS:
+        if kind in TRAINING_KINDS and (dtype != "float32" or d <= FLOAT32_MAX_HEAD_DIM):
             out.append(Scenario(kind, arch, dtype, d, **HEAVIEST))
     if flag_sweep and 90 in archs and "bfloat16" in dtypes and 128 in head_dims:
         for kind in (k for k in kinds if k in TRAINING_KINDS):
@@ -105,6 +106,7 @@ class Job:
 
 @dataclass
 class Row:
+    launcher: str   # the scenario's kind: which launcher made the launch
     kernel: str
     arch: int
     dtype: str
@@ -187,7 +189,7 @@ def compile_job(job: Job) -> Row:
     config = None if job.config is None else launch.candidates[job.config]
     stats = compile_launch(launch, job.scenario.arch, config)
     s = job.scenario
-    row = Row(job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, stats.shared,
+    row = Row(s.kind, job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, stats.shared,
               stats.registers, stats.spill_stores, stats.wgmma, stats.num_warps)
     row.verdict = row.judge()
     return row
@@ -222,7 +224,7 @@ class ResultCache:
         if entry is None:
             return None
         s = job.scenario
-        row = Row(**{**entry, "kernel": job.kernel, "arch": s.arch, "dtype": s.dtype, "head_dim": s.head_dim,
+        row = Row(**{**entry, "launcher": s.kind, "kernel": job.kernel, "arch": s.arch, "dtype": s.dtype, "head_dim": s.head_dim,
                      "flags": s.flags(), "config": job.label, "kept": job.kept})
         row.verdict = row.judge()
         return row
@@ -235,12 +237,12 @@ class ResultCache:
             f.write(json.dumps({"key": job.key, "row": asdict(row)}) + "\n")
 
 
-COLUMNS = ("kernel", "arch", "dtype", "D", "flags", "config", "kept", "shared", "registers", "spill", "wgmma",
+COLUMNS = ("launcher", "kernel", "arch", "dtype", "D", "flags", "config", "kept", "shared", "registers", "spill", "wgmma",
            "verdict")
 
 
 def row_cells(row: Row) -> list[str]:
-    return [row.kernel, f"sm_{row.arch}", row.dtype, str(row.head_dim), row.flags, row.config,
+    return [row.launcher, row.kernel, f"sm_{row.arch}", row.dtype, str(row.head_dim), row.flags, row.config,
             "yes" if row.kept else "pruned", str(row.shared), str(row.registers), str(row.spill),
             "yes" if row.wgmma else "no", row.verdict]
 
@@ -269,13 +271,13 @@ def parse_table(text: str) -> list[dict]:
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(COLUMNS) and cells[0] not in ("kernel",) and not cells[0].startswith("---"):
+        if len(cells) == len(COLUMNS) and cells[0] != COLUMNS[0] and not cells[0].startswith("---"):
             rows.append(dict(zip(COLUMNS, cells)))
     return rows
 
 
 def _sort_key(row: Row):
-    return (row.kernel, -row.arch, row.dtype, row.head_dim, row.flags, not row.kept, row.config)
+    return (row.launcher, row.kernel, -row.arch, row.dtype, row.head_dim, row.flags, not row.kept, row.config)
 
 
 def main(argv=None) -> int:
@@ -328,7 +330,7 @@ def main(argv=None) -> int:
                 row = future.result()
             except Exception as err:  # a compile error is a failing row, not the end of the sweep
                 s = job.scenario
-                row = Row(job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, -1, -1, -1,
+                row = Row(s.kind, job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, -1, -1, -1,
                           False, 0, f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             else:
                 cache.put(job, row)

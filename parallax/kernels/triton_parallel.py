@@ -16,6 +16,9 @@ import os
 
 import triton
 import triton.language as tl
+from triton.runtime import driver
+
+from . import resources
 
 # The interpreter runs tiles as numpy arrays: one small configuration keeps CPU
 # tests fast and deterministic.
@@ -32,27 +35,100 @@ def _configs(candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
-def _fits_registers(configs, named_args, **kwargs):
-    """Wide heads (D > 128) keep both fp32 accumulators in registers only with
-    tiles of at most 64 x 64."""
-    if {**named_args, **kwargs}["HEAD_DIM"] <= 128:
-        return configs
-    narrow = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
-    return narrow or configs[-1:]
+# Configs the autotuner times per (head dim, flags, dtype): two of those that
+# fit, so first calls stay short.
+MAX_KEPT = 2
 
 
-# Hopper-minded candidates. The forward keeps a query tile (BLOCK_M rows, two
-# accumulators) resident and streams BLOCK_N keys; dK/dV keeps BLOCK_N keys and
-# streams BLOCK_M queries; dQ mirrors the forward.
+def device_limits() -> tuple[int, int]:
+    """(compute capability as 90, 80, ..., shared memory per block) of the
+    device Triton compiles for: the GPU, or the AOT tool's stand-in."""
+    active = driver.active
+    target = active.get_current_target()
+    props = active.utils.get_device_properties(active.get_current_device())
+    arch = target.arch if isinstance(target.arch, int) else 80
+    return arch, props["max_shared_mem"]
+
+
+def prune_by_resources(kernel_of):
+    """An `early_config_prune` keeping the configs that `resources.fits` the
+    device (at most MAX_KEPT, in candidate order); if none does, the one that
+    launches with the smallest register estimate. `kernel_of(args)` names the
+    kernel in `resources.KERNELS`."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kernel, elem_bytes, block_d = kernel_of(args), args["q"].element_size(), args["BLOCK_D"]
+        arch, max_shared = device_limits()
+        tilings = [(c, resources.Tiling(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+                   for c in configs]
+        kept = [c for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
+        if kept:
+            return kept[:MAX_KEPT]
+        return [min(tilings, key=lambda ct: (
+            resources.shared_bytes(kernel, arch, elem_bytes, block_d, ct[1]) > max_shared,
+            resources.registers(kernel, arch, elem_bytes, block_d, ct[1])))[0]]
+
+    return {"early_config_prune": prune}
+
+
+# Configs the autotuner times per (head dim, flags, dtype): two of those that
+# fit, so first calls stay short.
+MAX_KEPT = 2
+
+
+def device_limits() -> tuple[int, int]:
+    """(compute capability as 90, 80, ..., shared memory per block) of the
+    device Triton compiles for: the GPU, or the AOT tool's stand-in."""
+    active = driver.active
+    target = active.get_current_target()
+    props = active.utils.get_device_properties(active.get_current_device())
+    arch = target.arch if isinstance(target.arch, int) else 80
+    return arch, props["max_shared_mem"]
+
+
+def prune_by_resources(kernel_of):
+    """An `early_config_prune` keeping the configs that `resources.fits` the
+    device (at most MAX_KEPT, in candidate order); if none does, the one that
+    launches with the smallest register estimate. `kernel_of(args)` names the
+    kernel in `resources.KERNELS`."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kernel, elem_bytes, block_d = kernel_of(args), args["q"].element_size(), args["BLOCK_D"]
+        arch, max_shared = device_limits()
+        tilings = [(c, resources.Tiling(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+                   for c in configs]
+        kept = [c for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
+        if kept:
+            return kept[:MAX_KEPT]
+        return [min(tilings, key=lambda ct: (
+            resources.shared_bytes(kernel, arch, elem_bytes, block_d, ct[1]) > max_shared,
+            resources.registers(kernel, arch, elem_bytes, block_d, ct[1])))[0]]
+
+    return {"early_config_prune": prune}
+
+
+# Candidates, largest tiles first. The forward keeps a query tile (BLOCK_M
+# rows, two float32 accumulators) resident and streams BLOCK_N keys; dK/dV
+# keeps BLOCK_N keys (two accumulators) and streams BLOCK_M queries; dQ
+# mirrors the forward. Score tiles feed a second product, so Triton puts all
+# warps along their rows: BLOCK_M (forward, dQ) or BLOCK_N (dK/dV) of at
+# least 16 rows per warp avoids computing them twice.
 FORWARD_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
-    (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 8, 4), (64, 32, 4, 4), (32, 64, 4, 3),
+    (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2), (32, 16, 4, 1),
+    (16, 32, 4, 1),
 ])
-BACKWARD_CONFIGS = _configs([
-    (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3),
-    (32, 128, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
+BACKWARD_KV_CONFIGS = _configs([
+    (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1), (16, 32, 4, 1),
 ])
-PRUNE = {"early_config_prune": _fits_registers}
+BACKWARD_Q_CONFIGS = _configs([
+    (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1), (32, 16, 8, 1),
+    (16, 32, 4, 1),
+])
+FORWARD_PRUNE = prune_by_resources(lambda args: "forward")
+BACKWARD_KV_PRUNE = prune_by_resources(lambda args: "backward_kv_fused" if args["FUSED"] else "backward_kv")
+BACKWARD_Q_PRUNE = prune_by_resources(lambda args: "backward_q")
 
 
 def head_block(head_dim: int) -> int:

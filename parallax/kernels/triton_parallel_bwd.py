@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
+    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
     query_tile_offsets, store_tile, tile_phases, tile_pointers, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
@@ -107,7 +107,7 @@ def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq
 
 # Autotuning benchmarks launch the fused kernel repeatedly: zero its
 # accumulators before each run.
-@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY + ["FUSED"], prune_configs_by=PRUNE,
+@triton.autotune(configs=BACKWARD_KV_CONFIGS, key=AUTOTUNE_KEY + ["FUSED"], prune_configs_by=BACKWARD_KV_PRUNE,
                  reset_to_zero=["dq_acc", "dr_acc"])
 @triton.jit
 def _parallax_bwd_dkdv_kernel(
@@ -194,7 +194,7 @@ def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_d
     return dq, dr
 
 
-@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.autotune(configs=BACKWARD_Q_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=BACKWARD_Q_PRUNE)
 @triton.jit
 def _parallax_bwd_dq_kernel(
     q, r, k, v, do, lse, sbar, delta, dmu, dq, dr, cu_seqlens,

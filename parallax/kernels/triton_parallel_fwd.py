@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
     search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
 
@@ -54,7 +54,7 @@ def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, f
     return m_i, d1, d2, o1, o2
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=FORWARD_PRUNE)
 @triton.jit
 def _parallax_fwd_kernel(
     q, r, k, v, o, mu, lse, sbar, cu_seqlens,
