@@ -33,26 +33,60 @@ MAX_REGISTERS = 255            # per thread, what ptxas allocates before spillin
 SPILL_BUDGET = 64              # bytes of spill stores per thread a kept config may have
 REGISTERS_PER_BLOCK = 65536
 CONVERSION_BYTES = 12 * 1024   # layout-conversion scratch, upper bound seen in the AOT table
-ACCUMULATOR_WEIGHT = 1.2       # an accumulator register plus the copies around its products
 
 # Per kernel. resident / streamed / accumulators: (row side, count) of
 # [rows, head_dim] tiles, the rows being BLOCK_M ("m") or BLOCK_N ("n");
 # scores: [BLOCK_M, BLOCK_N] tiles alive per step; products: [rows, head_dim]
 # float32 results made and consumed each step (the fused dQ, dR); weights and
 # fixed registers fitted to the AOT table (sm_90 and sm_80, heaviest flags).
+# Per kernel: resident / streamed / accumulators: (row side, count) of
+# [rows, head_dim] tiles, the rows being BLOCK_M ("m") or BLOCK_N ("n");
+# scores: [BLOCK_M, BLOCK_N] tiles alive per step; products: [rows, head_dim]
+# float32 results made and consumed each step (the fused dQ, dR); transposes:
+# score tiles staged in shared memory for them.
 KERNELS = {
     # q, r resident; k, v streamed; s1, s2 scores; o1, o2 accumulators.
-    "forward": dict(resident=("m", 2), streamed=("n", 2), accumulators=("m", 2), scores=2,
-                    score_weight=1.0, operand_weight=0.0, fixed=68),
+    "forward": dict(resident=("m", 2), streamed=("n", 2), accumulators=("m", 2), scores=2),
     # k, v resident; q, r, dO streamed; s1, s2, g scores; dk, dv accumulators.
-    "backward_kv": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3,
-                        score_weight=0.5, operand_weight=2.0, fixed=141),
-    # as backward_kv, plus each step's dq, dr products (transposed scores in shared memory).
+    "backward_kv": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3),
     "backward_kv_fused": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3,
-                              score_weight=0.5, operand_weight=2.0, fixed=141, transposes=2, products=("m", 1)),
+                              transposes=4, products=("m", 1)),
     # q, r, dO resident; k, v streamed; s1, s2, g scores; dq, dr accumulators.
-    "backward_q": dict(resident=("m", 3), streamed=("n", 2), accumulators=("m", 2), scores=3,
-                       score_weight=0.5, operand_weight=1.0, fixed=90),
+    "backward_q": dict(resident=("m", 3), streamed=("n", 2), accumulators=("m", 2), scores=3),
+}
+# Register weights (accumulator, score, resident operand, per warp, fixed)
+# per kernel and kind of product: "wgmma" (Hopper, operands from shared
+# memory), "mma" (mma.sync: operands in registers, and the warps beyond the
+# score tile's rows hold copies), "fma" (float32, no tensor cores). Fitted to
+# the AOT table (`--all-configs` at sm_90 and sm_80, heaviest flags);
+# float32 code differs enough between sm_80 and sm_90 to be fitted apart.
+WEIGHTS = {
+    "forward": {"wgmma": (1.2, 1.0, 0.0, 0, 68), "mma": (1.0, 1.5, 0.0, 0, 112), "fma": (1.2, 1.0, 1.0, 0, 100),
+                "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
+    "backward_kv": {"wgmma": (1.2, 0.5, 0.0, 0, 141), "mma": (1.2, 1.0, 1.0, 8, 106),
+                    "fma": (1.2, 1.0, 1.0, 0, 156), "fma_sm90": (1.2, 1.0, 1.0, 0, 156)},
+    "backward_kv_fused": {"wgmma": (1.2, 0.5, 0.0, 0, 141), "mma": (1.2, 1.0, 1.0, 8, 84),
+                          "fma": (1.2, 1.0, 1.0, 0, 148), "fma_sm90": (1.2, 1.0, 1.0, 8, 120)},
+    "backward_q": {"wgmma": (1.2, 0.5, 0.0, 0, 90), "mma": (1.2, 1.0, 1.0, 0, 96), "fma": (1.2, 1.0, 1.0, 0, 100),
+                   "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
+}
+
+
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), largest
+# tiles first; the pruner keeps those that fit. The forward keeps a query
+# tile (BLOCK_M rows, two float32 accumulators) resident and streams BLOCK_N
+# keys; dK/dV keeps BLOCK_N keys (two accumulators) and streams BLOCK_M
+# queries; dQ mirrors the forward. Score tiles feed a second product, so
+# Triton puts all warps along their rows: 16 or more rows per warp there
+# (BLOCK_M for the forward and dQ, BLOCK_N for dK/dV) avoids computing them
+# twice. The small tilings serve head dim 256 and float32.
+CANDIDATES = {
+    "forward": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2),
+                (32, 16, 4, 1), (16, 32, 4, 1)],
+    "backward_kv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1),
+                    (16, 32, 4, 1)],
+    "backward_q": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1),
+                   (32, 16, 8, 1), (16, 32, 4, 1)],
 }
 
 
@@ -78,39 +112,60 @@ def uses_wgmma(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> bool:
     return arch >= 90 and elem_bytes == 2 and _score_rows(kernel, t) >= 64 and t.num_warps % 4 == 0
 
 
+def product_kind(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> str:
+    if elem_bytes == 4:
+        return "fma_sm90" if arch >= 90 else "fma"
+    return "wgmma" if uses_wgmma(kernel, arch, elem_bytes, t) else "mma"
+
+
 def shared_bytes(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> int:
-    """Upper bound on the dynamic shared memory of one program."""
+    """Upper bound on the dynamic shared memory of one program: num_stages
+    buffers of the streamed tiles (mma.sync often uses one fewer: see
+    `shared_slack`); float32 products stage their score operands through
+    shared memory too."""
     spec = KERNELS[kernel]
+    kind = product_kind(kernel, arch, elem_bytes, t)
     side, count = spec["resident"]
     resident = count * t.rows(side) * block_d * elem_bytes
     side, count = spec["streamed"]
     per_stage = count * t.rows(side) * block_d * elem_bytes
     total = resident + max(1, t.num_stages) * per_stage
     total += spec.get("transposes", 0) * t.block_m * t.block_n * elem_bytes
+    if kind.startswith("fma"):
+        total += spec["scores"] * t.block_m * t.block_n * elem_bytes
     return total + CONVERSION_BYTES
+
+
+def shared_slack(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> int:
+    """How far above the compiled kernel's shared memory `shared_bytes` may
+    be: the conversion scratch it reserves and, without wgmma, a pipeline
+    buffer and the staged score operands the compiler may do without."""
+    spec = KERNELS[kernel]
+    kind = product_kind(kernel, arch, elem_bytes, t)
+    if kind == "wgmma":
+        return 2 * CONVERSION_BYTES
+    side, count = spec["streamed"]
+    slack = 2 * CONVERSION_BYTES + count * t.rows(side) * block_d * elem_bytes
+    if kind.startswith("fma"):
+        slack += spec["scores"] * t.block_m * t.block_n * elem_bytes
+    return slack
 
 
 def registers(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> float:
     """Estimated registers per thread the tiling asks for (before spilling)."""
     spec = KERNELS[kernel]
+    accumulator_w, score_w, operand_w, warp_w, fixed = WEIGHTS[kernel][product_kind(kernel, arch, elem_bytes, t)]
     threads = 32 * t.num_warps
     side, count = spec["accumulators"]
-    need = ACCUMULATOR_WEIGHT * count * t.rows(side) * block_d / threads
+    need = accumulator_w * count * t.rows(side) * block_d / threads
     warps_on_scores = max(1, min(t.num_warps, _score_rows(kernel, t) // 16))
-    need += spec["score_weight"] * spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
+    need += score_w * spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
     if "products" in spec:
         side, count = spec["products"]
         need += count * t.rows(side) * block_d / threads
     side, count = spec["resident"]
-    resident = count * t.rows(side) * block_d
-    if elem_bytes == 4:
-        # float32 products run on FMA units, every operand in registers.
-        side, count = spec["streamed"]
-        need += (resident + count * t.rows(side) * block_d) / threads
-    elif not uses_wgmma(kernel, arch, elem_bytes, t):
-        # mma.sync takes the resident tiles from registers (16-bit, two per register).
-        need += spec["operand_weight"] * resident / 2 / threads
-    return need + spec["fixed"]
+    need += operand_w * count * t.rows(side) * block_d * elem_bytes / 4 / threads
+    return need + warp_w * t.num_warps + fixed
 
 
 def fits(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling, max_shared: int) -> bool:

@@ -109,23 +109,9 @@ def prune_by_resources(kernel_of):
     return {"early_config_prune": prune}
 
 
-# Candidates, largest tiles first. The forward keeps a query tile (BLOCK_M
-# rows, two float32 accumulators) resident and streams BLOCK_N keys; dK/dV
-# keeps BLOCK_N keys (two accumulators) and streams BLOCK_M queries; dQ
-# mirrors the forward. Score tiles feed a second product, so Triton puts all
-# warps along their rows: BLOCK_M (forward, dQ) or BLOCK_N (dK/dV) of at
-# least 16 rows per warp avoids computing them twice.
-FORWARD_CONFIGS = _configs([
-    (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2), (32, 16, 4, 1),
-    (16, 32, 4, 1),
-])
-BACKWARD_KV_CONFIGS = _configs([
-    (64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1), (16, 32, 4, 1),
-])
-BACKWARD_Q_CONFIGS = _configs([
-    (128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1), (32, 16, 8, 1),
-    (16, 32, 4, 1),
-])
+FORWARD_CONFIGS = _configs(resources.CANDIDATES["forward"])
+BACKWARD_KV_CONFIGS = _configs(resources.CANDIDATES["backward_kv"])  # fused and deterministic dK/dV
+BACKWARD_Q_CONFIGS = _configs(resources.CANDIDATES["backward_q"])
 FORWARD_PRUNE = prune_by_resources(lambda args: "forward")
 BACKWARD_KV_PRUNE = prune_by_resources(lambda args: "backward_kv_fused" if args["FUSED"] else "backward_kv")
 BACKWARD_Q_PRUNE = prune_by_resources(lambda args: "backward_q")
