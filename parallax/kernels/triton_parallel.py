@@ -72,43 +72,6 @@ def prune_by_resources(kernel_of):
     return {"early_config_prune": prune}
 
 
-# Configs the autotuner times per (head dim, flags, dtype): two of those that
-# fit, so first calls stay short.
-MAX_KEPT = 2
-
-
-def device_limits() -> tuple[int, int]:
-    """(compute capability as 90, 80, ..., shared memory per block) of the
-    device Triton compiles for: the GPU, or the AOT tool's stand-in."""
-    active = driver.active
-    target = active.get_current_target()
-    props = active.utils.get_device_properties(active.get_current_device())
-    arch = target.arch if isinstance(target.arch, int) else 80
-    return arch, props["max_shared_mem"]
-
-
-def prune_by_resources(kernel_of):
-    """An `early_config_prune` keeping the configs that `resources.fits` the
-    device (at most MAX_KEPT, in candidate order); if none does, the one that
-    launches with the smallest register estimate. `kernel_of(args)` names the
-    kernel in `resources.KERNELS`."""
-
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        kernel, elem_bytes, block_d = kernel_of(args), args["q"].element_size(), args["BLOCK_D"]
-        arch, max_shared = device_limits()
-        tilings = [(c, resources.Tiling(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
-                   for c in configs]
-        kept = [c for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
-        if kept:
-            return kept[:MAX_KEPT]
-        return [min(tilings, key=lambda ct: (
-            resources.shared_bytes(kernel, arch, elem_bytes, block_d, ct[1]) > max_shared,
-            resources.registers(kernel, arch, elem_bytes, block_d, ct[1])))[0]]
-
-    return {"early_config_prune": prune}
-
-
 FORWARD_CONFIGS = _configs(resources.CANDIDATES["forward"])
 BACKWARD_KV_CONFIGS = _configs(resources.CANDIDATES["backward_kv"])  # fused and deterministic dK/dV
 BACKWARD_Q_CONFIGS = _configs(resources.CANDIDATES["backward_q"])

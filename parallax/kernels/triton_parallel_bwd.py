@@ -29,7 +29,9 @@ from .triton_parallel import (
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
 
-ROW_BLOCK = 64  # rows per program of the D / E reduction
+# Elements per program of the D / E reduction: three [rows, BLOCK_D] float32
+# tiles must stay in registers (64 rows at D=256 spilled: AOT table).
+ROW_BLOCK_ELEMENTS = 4096
 
 
 @triton.jit
@@ -140,12 +142,14 @@ def _parallax_bwd_dkdv_kernel(
     kv_base = (batch.to(tl.int64) * S + seq_start) * kv_stride + kv_head * HEAD_DIM
     k_tile = load_tile(k + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
     v_tile = load_tile(v + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    # Keys older than every query's window count as zeros (dQ would otherwise
+    # pick up 0 * whatever they hold). Selected after the load, and without a
+    # window too: the AOT table shows this form spills less than plain loads.
+    seen = offs_n < cols
     if HAS_WINDOW:
-        # Keys older than every query's window count as zeros (dQ would
-        # otherwise pick up 0 * whatever they hold), as in the forward.
-        seen = (n0 + offs_n > seq_len - query_len - window)[:, None]
-        k_tile = tl.where(seen, k_tile, 0.0)
-        v_tile = tl.where(seen, v_tile, 0.0)
+        seen &= n0 + offs_n > seq_len - query_len - window
+    k_tile = tl.where(seen[:, None], k_tile, 0.0)
+    v_tile = tl.where(seen[:, None], v_tile, 0.0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
@@ -259,14 +263,17 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
         dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
         dq, dr = torch.empty_like(q), torch.empty_like(r)
-        dq_acc = dr_acc = delta  # placeholders the deterministic kernel never touches
+        # Placeholders the deterministic kernel never reads; the autotuner
+        # zeroes them (reset_to_zero), so they must not alias real data.
+        dq_acc = dr_acc = torch.zeros(1, dtype=torch.float32, device=q.device)
     if D == 0 or B * HQ == 0:
         return _gradients(q, dq_acc, dr_acc) + (dk, dv) if fused else (dq, dr, dk, dv)
     block_d = head_block(D)
     rows = B * T * HQ
     if rows:
-        _row_dots_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
-            grad_out, o, mu, delta, dmu, rows, T, HQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_ROWS=ROW_BLOCK)
+        row_block = max(16, ROW_BLOCK_ELEMENTS // block_d)
+        _row_dots_kernel[(triton.cdiv(rows, row_block),)](
+            grad_out, o, mu, delta, dmu, rows, T, HQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_ROWS=row_block)
     cu, num_seqs, steps = varlen_args(cu_seqlens, q.device)
     is_varlen = cu_seqlens is not None
     common = dict(
