@@ -346,6 +346,7 @@ def main(argv=None) -> int:
     if args.out:
         command = "python -m parallax.kernels.aot" + ("" if argv is None and len(sys.argv) == 1 else
                                                       " " + " ".join(sys.argv[1:] if argv is None else argv))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(markdown(rows, command, seconds))
         print(f"wrote {args.out}")
     return 1 if failing else 0
