@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
 TOKENS = 16 * 1024
 HEADS = 16
 HEAD_DIMS = (64, 128)
@@ -123,10 +125,10 @@ def load_fla():
 # ---------------------------------------------------------------- checks
 
 def _inputs(B, L, HK, D, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
 
     def randn(heads):
-        return torch.randn(B, L, heads, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return torch.randn(B, L, heads, D, device=DEVICE, dtype=DTYPE, generator=gen)
 
     # A probe of the size a trained layer has (not zero: r = 0 is softmax attention).
     q, r, k, v = randn(HEADS), 0.1 * randn(HEADS), randn(HK), randn(HK)
@@ -217,7 +219,8 @@ def benchmark_rows(baselines, seq_lens, notes):
                             row[name] = None
                     rows.append(row)
                 del inputs, grad_out
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
