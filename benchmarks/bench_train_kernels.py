@@ -1,47 +1,51 @@
-"""Training-kernel benchmark: Parallax (Triton) vs fla's parallel_parallax vs FlashAttention 2.
+"""Training-kernel benchmark: Parallax (Triton) against FlashAttention 2, FA3 and fla.
 
 Usage (CUDA only, from the repo root):
-    python -m benchmarks.bench_train_kernels [--repeats N] [--quick]
-Times forward and forward+backward, bf16, causal, B * T = 16k tokens, H = 16,
-D = 64 and 128, T = 1k .. 16k, each also with a window of 1024 (the FA2 column
-stays full causal: SDPA has no window). TFLOP/s use the counts of
-docs/parallax-math.md: per (batch, head), causal, Parallax does
-4 L^2 D forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window W
-scales the visible pairs from L^2 / 2 to L W - W^2 / 2. Also measures the peak
-memory of the GQA backward against HQ == HK. Prints markdown and writes it to
-benchmarks/results/train_kernels_<gpu-name>.md. fla (`pip install fla-core`)
-is optional: without it its column stays blank.
+    python -m benchmarks.bench_train_kernels [--quick]
+
+bf16, causal, B * T = 16k tokens, 16 query heads, D = 64 and 128, T = 1k to
+16k; rows with 16 KV heads and with 4 (GQA 4:1), and with a window of 1024.
+Each row times the forward and forward + backward, both backwards
+(`deterministic=False`, the fused one, and `deterministic=True`), with
+`triton.testing.do_bench` (medians, no per-call host overhead in the timed
+region beyond the launches themselves). Before timing, every implementation is
+checked against the float32 reference on the same inputs, probe non-zero; a
+Parallax mismatch stops the run, a baseline that fails (missing, wrong, or
+raising) gets an empty column and a note instead.
+
+Baselines: FA2 = PyTorch SDPA's flash backend (full causal, no window); FA3
+forward = `flash_attn_interface.flash_attn_func` when importable (the FA3
+wheel); fla = `fla.ops.parallax.parallel_parallax` when importable. TFLOP/s
+use the counts of docs/parallax-math.md: per (batch, head), causal, Parallax
+does 4 L^2 D forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window
+W scales the visible pairs from L^2 / 2 to L W - W^2 / 2. Prints markdown and
+writes it to benchmarks/results/train_kernels_<gpu-name>.md. About 3 minutes
+on an H100 (`--quick`: T = 1k and 4k only).
 """
+from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import re
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
 TOKENS = 16 * 1024
 HEADS = 16
 HEAD_DIMS = (64, 128)
 SEQ_LENS = (1024, 2048, 4096, 8192, 16384)
 WINDOW = 1024
-
-
-def time_ms(fn, repeats):
-    """Median of `repeats` CUDA-event timings after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+KV_HEADS = (16, 4)
+# Largest error against the float32 reference, relative to the reference's
+# largest magnitude, that a bf16 kernel may have (bf16 keeps 8 bits: ~4e-3
+# per rounding); a broken kernel is off by O(1).
+TOLERANCE = 3e-2
+CHECK_LEN = 2048  # the reference is dense: check at most this many tokens
 
 
 def visible_pairs(L, window):
@@ -49,17 +53,56 @@ def visible_pairs(L, window):
 
 
 def tflops(causal_coefficient, B, L, D, window, ms):
-    """TFLOP/s of `causal_coefficient * L^2 D` FLOPs per (batch, head) (the
-    math doc's causal count), rescaled to the pairs a window leaves visible."""
+    """TFLOP/s of `causal_coefficient * L^2 D` FLOPs per (batch, head),
+    rescaled to the pairs a window leaves visible."""
     return causal_coefficient * 2 * visible_pairs(L, window) * D * B * HEADS / (ms * 1e9)
 
 
+def median_ms(fn):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+# ---------------------------------------------------------------- baselines
+# Each loader returns (callable or None, note). A callable takes
+# (q, r, k, v, window) in [B, T, H, D] layout and returns o, or None when it
+# does not support the shape.
+
+def load_fa2():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(q, r, k, v, window):
+        if window is not None:
+            return None
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+
+    return call, "FA2: SDPA flash backend"
+
+
+def load_fa3():
+    try:
+        module = importlib.import_module("flash_attn_interface")
+    except ImportError as err:
+        return None, f"FA3 not importable ({err})"
+
+    def call(q, r, k, v, window):
+        size = (-1, -1) if window is None else (window - 1, 0)
+        out = module.flash_attn_func(q, k, v, causal=True, window_size=size)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call, f"FA3: {module.__name__}.flash_attn_func (forward only)"
+
+
 def load_fla():
-    """fla's kernel adapted to (q, r, k, v, window) -> o, or None with the reason."""
     try:
         from fla.ops.parallax import parallel_parallax
     except ImportError as err:
-        return None, f"fla not installed ({err})"
+        return None, f"fla not importable ({err})"
     params = inspect.signature(parallel_parallax).parameters
     probe = next((name for name in ("r", "p", "probe") if name in params), None)
     if probe is None or not {"q", "k", "v"} <= set(params):
@@ -69,81 +112,118 @@ def load_fla():
         kwargs = {"q": q, probe: r, "k": k, "v": v}
         if "head_first" in params:
             kwargs["head_first"] = False
-        if "window_size" in params and window is not None:
+        if window is not None:
+            if "window_size" not in params:
+                return None
             kwargs["window_size"] = window
-        elif window is not None:
-            return None
         out = parallel_parallax(**kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     return call, f"fla parallel_parallax{inspect.signature(parallel_parallax)}"
 
 
-def flash_attention_2(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# ---------------------------------------------------------------- checks
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-    return out.transpose(1, 2)
+def _inputs(B, L, HK, D, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(heads):
+        return torch.randn(B, L, heads, D, device=DEVICE, dtype=DTYPE, generator=gen)
+
+    # A probe of the size a trained layer has (not zero: r = 0 is softmax attention).
+    q, r, k, v = randn(HEADS), 0.1 * randn(HEADS), randn(HK), randn(HK)
+    return [x.requires_grad_() for x in (q, r, k, v)], randn(HEADS)
 
 
-def measure(fn, inputs, grad_out, repeats):
-    """(forward ms, forward+backward ms); None when fn declines the shape."""
-    if fn(*inputs) is None:
-        return None, None
-    forward = time_ms(lambda: fn(*inputs), repeats)
+def _reference(q, r, k, v, window, softmax):
+    from parallax.kernels import parallax_reference
+
+    probe = torch.zeros_like(r) if softmax else r
+    return parallax_reference(q.float(), probe.float(), k.float(), v.float(), causal=True, window_size=window)
+
+
+def check(name, fn, D, L, HK, window, softmax, grad=True):
+    """Relative error of fn's output (and, with grad, gradients) against the
+    float32 reference at batch 1 and min(L, CHECK_LEN) tokens (the autotuned
+    config does not depend on the length, so this is the kernel that is
+    timed); raises ValueError when over TOLERANCE. None if fn declines."""
+    inputs, _ = _inputs(1, min(L, CHECK_LEN), HK, D, seed=1)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    ref_leaves = [x.detach().float().requires_grad_() for x in inputs]
+    out = fn(*leaves, window)
+    if out is None:
+        return None
+    ref = _reference(*ref_leaves, window, softmax)
+    pairs = [(out, ref)]
+    if grad:
+        grad_out = torch.randn_like(ref)
+        out.backward(grad_out.to(out.dtype))
+        ref.backward(grad_out)
+        used = [0, 2, 3] if softmax else [0, 1, 2, 3]
+        # A gradient the implementation did not produce counts as zero.
+        pairs += [(leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i]), ref_leaves[i].grad)
+                  for i in used]
+    worst = max(((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in pairs)
+    if not worst <= TOLERANCE:
+        raise ValueError(f"{name}: error {worst:.3g} (relative to the largest reference value) against the "
+                         f"float32 reference exceeds {TOLERANCE}")
+    return worst
+
+
+# ---------------------------------------------------------------- timing
+
+def time_pair(fn, inputs, grad_out, window, forward_only=False):
+    """(forward ms, forward + backward ms) by do_bench medians."""
+    def forward():
+        return fn(*inputs, window)
+
+    fwd = median_ms(forward)
+    if forward_only:
+        return fwd, None
 
     def train_step():
-        for x in inputs:
-            x.grad = None
-        fn(*inputs).backward(grad_out)
+        forward().backward(grad_out)
 
-    return forward, time_ms(train_step, repeats)
+    return fwd, median_ms(train_step)
 
 
-def benchmark_rows(fla, repeats, seq_lens):
+def benchmark_rows(baselines, seq_lens, notes):
     from parallax.kernels import parallax_attn
+
+    def parallax(deterministic):
+        def call(q, r, k, v, window):
+            return parallax_attn(q, r, k, v, window_size=window, backend="triton", deterministic=deterministic)
+        return call
 
     rows = []
     for D in HEAD_DIMS:
         for L in seq_lens:
             B = max(1, TOKENS // L)
-            q, r, k, v = (torch.randn(B, L, HEADS, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                          for _ in range(4))
-            grad_out = torch.randn_like(q)
-            fa2 = measure(lambda q, k, v: flash_attention_2(q, k, v), (q, k, v), grad_out, repeats)
-            for window in (None, WINDOW):
-                if window is not None and window >= L:
-                    continue
-                ours = measure(lambda q, r, k, v: parallax_attn(q, r, k, v, window_size=window, backend="triton"),
-                               (q, r, k, v), grad_out, repeats)
-                theirs = (None, None) if fla is None else measure(
-                    lambda q, r, k, v: fla(q, r, k, v, window), (q, r, k, v), grad_out, repeats)
-                rows.append(dict(D=D, L=L, B=B, window=window, ours=ours, fla=theirs, fa2=fa2))
-            del q, r, k, v, grad_out
-            torch.cuda.empty_cache()
+            for HK in KV_HEADS:
+                inputs, grad_out = _inputs(B, L, HK, D)
+                for window in (None, WINDOW):
+                    if window is not None and window >= L:
+                        continue
+                    row = dict(D=D, L=L, B=B, HK=HK, window=window)
+                    for deterministic, key in ((False, "fused"), (True, "deterministic")):
+                        # A wrong Parallax result ends the run (ValueError).
+                        check(f"parallax {key} D={D} T={L} HK={HK} window={window}", parallax(deterministic),
+                              D, L, HK, window, softmax=False)
+                        row[key] = time_pair(parallax(deterministic), inputs, grad_out, window)
+                    for name, (fn, forward_only, softmax) in baselines.items():
+                        try:
+                            err = check(f"{name} D={D} T={L}", fn, D, L, HK, window, softmax, grad=not forward_only)
+                            row[name] = None if err is None else time_pair(fn, inputs, grad_out, window,
+                                                                            forward_only)
+                        except Exception as exc:  # a failing baseline loses its column, not the run
+                            notes.add(f"{name} skipped at D={D} T={L} HK={HK} window={window}: "
+                                      f"{type(exc).__name__}: {str(exc)[:160]}")
+                            row[name] = None
+                    rows.append(row)
+                del inputs, grad_out
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
     return rows
-
-
-def backward_peak_bytes(HQ, HK, B=4, L=4096, D=128):
-    """Peak memory the backward adds on top of inputs, forward output and saved state."""
-    from parallax.kernels import parallax_attn
-
-    q, r = (torch.randn(B, L, HQ, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    k, v = (torch.randn(B, L, HK, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    out = parallax_attn(q, r, k, v, backend="triton")
-    grad_out = torch.randn_like(out)
-    out.backward(grad_out)  # autotune outside the measurement
-    for x in (q, r, k, v):
-        x.grad = None
-    out = parallax_attn(q, r, k, v, backend="triton")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out.backward(grad_out)
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def fmt(x, spec=".3f"):
@@ -154,54 +234,58 @@ def ratio(a, b):
     return None if a is None or b is None else a / b
 
 
-def markdown(rows, fla_note, memory):
+def markdown(rows, baseline_names, notes):
+    import triton
+
     gpu = torch.cuda.get_device_name()
+    header = ["D", "T", "B", "HK", "window", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+              "det. fwd+bwd ms", "det / fused"]
+    for name in baseline_names:
+        header += [f"{name} fwd ms", f"fwd vs {name}", f"{name} fwd+bwd ms", f"fwd+bwd vs {name}"]
     lines = [
         f"# Training kernels on {gpu}",
         "",
-        f"bf16, causal, B*T = {TOKENS} tokens, H = {HEADS}. Times are CUDA-event medians in ms; "
-        "TFLOP/s by the math doc's counts; x-ratios are Parallax time over the other's time. "
-        "FA2 = SDPA flash backend, always full causal (no window).",
-        f"torch {torch.__version__}; {fla_note}",
+        f"bf16, causal, B*T = {TOKENS} tokens, {HEADS} query heads, HK KV heads. Times are "
+        "`triton.testing.do_bench` medians in ms; TFLOP/s by the math doc's counts; 'x vs y' is Parallax "
+        "time over y's time (fused backward). 'det.' is the three-launch deterministic backward.",
+        f"torch {torch.__version__}, triton {triton.__version__}.",
         "",
-        "| D | T | B | window | fwd ms | fwd TFLOP/s | fwd vs FA2 | fwd vs fla | fwd+bwd ms | fwd+bwd TFLOP/s "
-        "| fwd+bwd vs FA2 | fwd+bwd vs fla | fla fwd ms | fla fwd+bwd ms | FA2 fwd ms | FA2 fwd+bwd ms |",
-        "|---" * 16 + "|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
     for row in rows:
         D, L, B, window = row["D"], row["L"], row["B"], row["window"]
-        (fwd, train), (fla_fwd, fla_train), (fa_fwd, fa_train) = row["ours"], row["fla"], row["fa2"]
-        lines.append("| " + " | ".join([
-            str(D), str(L), str(B), str(window or "-"),
-            fmt(fwd), fmt(fwd and tflops(4, B, L, D, window, fwd), ".1f"),
-            fmt(ratio(fwd, fa_fwd), ".2f"), fmt(ratio(fwd, fla_fwd), ".2f"),
-            fmt(train), fmt(train and tflops(12, B, L, D, window, train), ".1f"),
-            fmt(ratio(train, fa_train), ".2f"), fmt(ratio(train, fla_train), ".2f"),
-            fmt(fla_fwd), fmt(fla_train), fmt(fa_fwd), fmt(fa_train),
-        ]) + " |")
-    gqa, mha = memory
-    lines += [
-        "",
-        "Peak memory added by the backward (B=4, T=4096, D=128, bf16): "
-        f"HQ=16, HK=4 (GQA): {gqa / 2**20:.1f} MiB; HQ=HK=16: {mha / 2**20:.1f} MiB.",
-        "",
-    ]
+        fwd, train = row["fused"]
+        det_train = row["deterministic"][1]
+        cells = [str(D), str(L), str(B), str(row["HK"]), str(window or "-"), fmt(fwd),
+                 fmt(tflops(4, B, L, D, window, fwd), ".1f"), fmt(train), fmt(tflops(12, B, L, D, window, train), ".1f"),
+                 fmt(det_train), fmt(ratio(det_train, train), ".2f")]
+        for name in baseline_names:
+            theirs = row.get(name) or (None, None)
+            cells += [fmt(theirs[0]), fmt(ratio(fwd, theirs[0]), ".2f"), fmt(theirs[1]),
+                      fmt(ratio(train, theirs[1]), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"- {note}" for note in sorted(notes)] + [""]
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="T = 1k and 4k only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_train_kernels needs a CUDA GPU (Triton kernels vs FlashAttention 2); none found.")
-    fla, fla_note = load_fla()
-    print(fla_note)
-    seq_lens = (1024, 4096) if args.quick else SEQ_LENS
-    rows = benchmark_rows(fla, args.repeats, seq_lens)
-    memory = (backward_peak_bytes(16, 4), backward_peak_bytes(16, 16))
-    table = markdown(rows, fla_note, memory)
+        sys.exit("bench_train_kernels needs a CUDA GPU (it times Triton kernels against FlashAttention); none found.")
+    notes = set()
+    baselines = {}
+    for name, loader, forward_only, softmax in (("FA2", load_fa2, False, True), ("FA3", load_fa3, True, True),
+                                                 ("fla", load_fla, False, False)):
+        fn, note = loader()
+        notes.add(note)
+        if fn is not None:
+            baselines[name] = (fn, forward_only, softmax)
+    print("\n".join(sorted(notes)))
+    rows = benchmark_rows(baselines, (1024, 4096) if args.quick else SEQ_LENS, notes)
+    table = markdown(rows, list(baselines), notes)
     print(table)
     name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower()
     path = Path(__file__).resolve().parent / "results" / f"train_kernels_{name}.md"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .blockwise import blockwise_attention
 from .checks import check_backend, check_cu_seqlens, check_qkv, check_scale, check_window
+from .resources import FLOAT32_MAX_HEAD_DIM
 
 
 def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
@@ -22,7 +23,9 @@ def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
 
 def _resolve_backend(backend, q: torch.Tensor) -> str:
     if backend is None:
-        return "triton" if q.is_cuda else "torch"
+        # float32 with wide heads has no Triton tiling that fits (docs/kernels.md).
+        wide_float32 = q.dtype == torch.float32 and q.shape[-1] > FLOAT32_MAX_HEAD_DIM
+        return "triton" if q.is_cuda and not wide_float32 else "torch"
     return backend
 
 
@@ -40,13 +43,14 @@ def _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
     return torch.cat(pieces, dim=1)
 
 
-def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
+def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic=False):
     from .op import parallax_triton  # lazy: the op's kernels need triton
 
-    return parallax_triton(q, r, k, v, scale, causal, window_size, cu_seqlens)
+    return parallax_triton(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
 
 
-def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None):
+def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None,
+                  deterministic=False):
     """Parallax attention: softmax attention minus the probe covariance.
 
     o_i = sum_j w_ij v_j with p = softmax(scale * q.k), s2 = r.k (unscaled),
@@ -61,14 +65,21 @@ def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_s
         cu_seqlens: int32 [N + 1] offsets of N sequences packed in batch 1
             (T == S); each sequence is masked on its own.
         backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
+        deterministic: Triton backward only. False (default): one fused
+            launch that adds dq, dr with float32 atomics, so their last bits
+            can vary between runs. True: three launches, no atomics, bitwise
+            reproducible, about 11/8 of the backward's matrix products.
 
     Returns [B, T, HQ, D] in q's dtype; rows that see no key are 0.
     Differentiable in q, r, k and v.
     """
     _validate(q, r, k, v, scale, window_size, cu_seqlens, backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    path = _triton_path if _resolve_backend(backend, q) == "triton" else _torch_path
-    return path(q, r, k, v, scale, causal, window_size, cu_seqlens)
+    if _resolve_backend(backend, q) == "triton":
+        return _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
+    return _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens)
 
 
 def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None):

@@ -16,6 +16,9 @@ import os
 
 import triton
 import triton.language as tl
+from triton.runtime import driver
+
+from . import resources
 
 # The interpreter runs tiles as numpy arrays: one small configuration keeps CPU
 # tests fast and deterministic.
@@ -32,27 +35,49 @@ def _configs(candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
 
 
-def _fits_registers(configs, named_args, **kwargs):
-    """Wide heads (D > 128) keep both fp32 accumulators in registers only with
-    tiles of at most 64 x 64."""
-    if {**named_args, **kwargs}["HEAD_DIM"] <= 128:
-        return configs
-    narrow = [c for c in configs if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64]
-    return narrow or configs[-1:]
+# Configs the autotuner times per (head dim, flags, dtype): two of those that
+# fit, so first calls stay short.
+MAX_KEPT = 2
 
 
-# Hopper-minded candidates. The forward keeps a query tile (BLOCK_M rows, two
-# accumulators) resident and streams BLOCK_N keys; dK/dV keeps BLOCK_N keys and
-# streams BLOCK_M queries; dQ mirrors the forward.
-FORWARD_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4),
-    (64, 128, 4, 2), (64, 64, 4, 3), (64, 64, 8, 4), (64, 32, 4, 4), (32, 64, 4, 3),
-])
-BACKWARD_CONFIGS = _configs([
-    (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 3),
-    (32, 128, 4, 2), (32, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2),
-])
-PRUNE = {"early_config_prune": _fits_registers}
+def device_limits() -> tuple[int, int]:
+    """(compute capability as 90, 80, ..., shared memory per block) of the
+    device Triton compiles for: the GPU, or the AOT tool's stand-in."""
+    active = driver.active
+    target = active.get_current_target()
+    props = active.utils.get_device_properties(active.get_current_device())
+    arch = target.arch if isinstance(target.arch, int) else 80
+    return arch, props["max_shared_mem"]
+
+
+def prune_by_resources(kernel_of):
+    """An `early_config_prune` keeping the configs that `resources.fits` the
+    device (at most MAX_KEPT, in candidate order); if none does, the one that
+    launches with the smallest register estimate. `kernel_of(args)` names the
+    kernel in `resources.KERNELS`."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        kernel, elem_bytes, block_d = kernel_of(args), args["q"].element_size(), args["BLOCK_D"]
+        arch, max_shared = device_limits()
+        tilings = [(c, resources.Tiling(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
+                   for c in configs]
+        kept = [c for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
+        if kept:
+            return kept[:MAX_KEPT]
+        return [min(tilings, key=lambda ct: (
+            resources.shared_bytes(kernel, arch, elem_bytes, block_d, ct[1]) > max_shared,
+            resources.registers(kernel, arch, elem_bytes, block_d, ct[1])))[0]]
+
+    return {"early_config_prune": prune}
+
+
+FORWARD_CONFIGS = _configs(resources.CANDIDATES["forward"])
+BACKWARD_KV_CONFIGS = _configs(resources.CANDIDATES["backward_kv"])  # fused and deterministic dK/dV
+BACKWARD_Q_CONFIGS = _configs(resources.CANDIDATES["backward_q"])
+FORWARD_PRUNE = prune_by_resources(lambda args: "forward")
+BACKWARD_KV_PRUNE = prune_by_resources(lambda args: "backward_kv_fused" if args["FUSED"] else "backward_kv")
+BACKWARD_Q_PRUNE = prune_by_resources(lambda args: "backward_q")
 
 
 def head_block(head_dim: int) -> int:
@@ -123,21 +148,57 @@ def query_tile(pid, cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def tile_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Mask of a [rows, BLOCK_D] tile; the head-dim test only where the head
+    dim is padded, so unpadded tiles mask whole rows (fewer predicates)."""
+    if BLOCK_D == HEAD_DIM:
+        mask = tl.broadcast_to(rows_ok[:, None], (rows_ok.shape[0], BLOCK_D))
+    else:
+        mask = rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
+def tile_pointers(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """(pointers, mask) of the [BLOCK_ROWS, BLOCK_D] tile at row `first` of the
+    [rows, HEAD_DIM] matrix at `base` (rows `stride` elements apart). The
+    tile's start is a scalar and the offsets within it int32, so the pointer
+    tensor costs half the registers of int64 offsets."""
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    start = base + first.to(tl.int64) * stride
+    ptrs = start + (offs_r[:, None] * stride + offs_d[None, :])
+    return ptrs, tile_mask(first + offs_r < rows, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def load_tile(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_D] tile at row `first` of the [rows, HEAD_DIM]
+    matrix at `base`, zero outside it (rows past its end, head-dim padding)."""
+    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, rows, stride, first, value, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Store `value` (in the tensor's dtype) as the tile `load_tile` reads."""
+    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
+    tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def query_tile_offsets(batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """For a query tile found by `query_tile`: (rows it holds, row indices,
-    int64 offsets of its [BLOCK_M, BLOCK_D] elements in [B, T, HQ, D] tensors,
-    their mask, offset of its KV head's first key in [B, S, HK, D] tensors)."""
-    q_stride = HQ * HEAD_DIM
+    offset of its sequence's first row for its head in [B, T, HQ, D] tensors,
+    offset of its KV head's first key in [B, S, HK, D] tensors)."""
     rows = tl.minimum(BLOCK_M, seq_len - m0)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    first = (batch.to(tl.int64) * T + seq_start + m0) * q_stride + head * HEAD_DIM
-    row_ptrs = first + offs_m[:, None] * q_stride + offs_d[None, :]
-    row_mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    q_base = (batch.to(tl.int64) * T + seq_start) * (HQ * HEAD_DIM) + head * HEAD_DIM
     kv_base = key_start.to(tl.int64) * (HK * HEAD_DIM) + (head // GROUP) * HEAD_DIM
-    return rows, offs_m, row_ptrs, row_mask, kv_base
+    return rows, offs_m, q_base, kv_base
 
 
 @triton.jit

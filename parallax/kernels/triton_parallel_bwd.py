@@ -1,12 +1,18 @@
 """Fused Parallax backward: closed-form gradients of docs/parallax-math.md.
 
-Three launches, all deterministic (no atomics):
-1. per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the forward);
-2. one program per (key tile, batch * kv_head) keeps its K/V tile resident,
-   loops over the G query heads of its group and the query tiles that see it,
-   and accumulates dK, dV in registers: no G-times-larger buffer for GQA;
-3. one program per (query tile, batch * head) streams the key tiles it sees
-   and accumulates dQ, dR.
+First, per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the
+forward). Then one program per (key tile, batch * kv_head) keeps its K/V tile
+resident, loops over the G query heads of its group and the query tiles that
+see it, and accumulates dK, dV in registers (no G-times-larger buffer for GQA).
+
+- Default (fused): the same program also adds its share of dQ and dR into
+  float32 buffers with atomics: 8 tile products per (query, key) tile pair,
+  one main launch, but the float32 sums' order (so their last bits) varies
+  from run to run.
+- deterministic=True: dQ/dR come from a third launch, one program per (query
+  tile, batch * head) streaming the key tiles it sees, which recomputes the
+  scores: 11 products, no atomics, bitwise reproducible.
+
 Weights are recomputed from the saved lse: p = exp(scale * q.k - lse).
 
 This module imports triton at load time; import it lazily.
@@ -18,12 +24,14 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, BACKWARD_CONFIGS, PRUNE, head_block, key_range, locate_tile, query_range, query_tile,
-    query_tile_offsets, tile_phases, tiles_per_head, visible,
+    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
+    query_tile_offsets, store_tile, tile_phases, tile_pointers, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
 
-ROW_BLOCK = 64  # rows per program of the D / E reduction
+# Elements per program of the D / E reduction: three [rows, BLOCK_D] float32
+# tiles must stay in registers (64 rows at D=256 spilled: AOT table).
+ROW_BLOCK_ELEMENTS = 4096
 
 
 @triton.jit
@@ -47,56 +55,69 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
 
 
 @triton.jit
-def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, lse_seq, sbar_seq, delta_seq, dmu_seq,
-                    q_stride, first, count, key_pos, T, S, window, scale, qk_scale_log2,
+def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq,
+                    lse_seq, sbar_seq, delta_seq, dmu_seq,
+                    q_stride, first, head_tiles, full_tiles, total, key_pos, T, S, window, scale, qk_scale_log2,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """Add the contributions of `count` query tiles from row `first` to dK, dV.
+                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `total` query tiles from row `first` to dK, dV
+    (and, FUSED, atomically to the float32 dQ, dR buffers); tiles outside
+    [head_tiles, head_tiles + full_tiles) are masked (one loop, as in the
+    forward's `_stream_keys`).
 
-    Works on transposed [keys, queries] score tiles so every product takes its
-    operands as loaded.
+    Works on transposed [keys, queries] score tiles so the dK, dV products take
+    their operands as loaded.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    for step in range(count):
+    for step in range(total):
         m0 = first + step * BLOCK_M
         rows = m0 + offs_m
-        tile_ptrs = m0.to(tl.int64) * q_stride + offs_m[:, None] * q_stride + offs_d[None, :]
-        in_bounds = (rows[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-        q_tile = tl.load(q_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        r_tile = tl.load(r_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        do_tile = tl.load(do_seq + tile_ptrs, mask=in_bounds, other=0.0)
         row_ok = rows < T
+        q_tile = load_tile(q_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+        r_tile = load_tile(r_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+        do_tile = load_tile(do_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
         lse_log2 = tl.load(lse_seq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
         row_sbar = tl.load(sbar_seq + rows, mask=row_ok, other=0.0)
         row_delta = tl.load(delta_seq + rows, mask=row_ok, other=0.0)
         row_dmu = tl.load(dmu_seq + rows, mask=row_ok, other=0.0)
 
+        # Each score tile is consumed as soon as it is made, to keep few alive.
         s1 = tl.dot(k_tile, tl.trans(q_tile), input_precision=DOT_PRECISION)
-        s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
-        g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[None, :])
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             p = tl.where(visible(rows[None, :], key_pos[:, None], T, S, window, IS_CAUSAL, HAS_WINDOW), p, 0.0)
+        s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
         lever = 1.0 + row_sbar[None, :] - s2  # w = p * lever
-        centred = g - row_dmu[None, :]
-        ds2 = -p * centred
-        ds1 = p * (centred * lever + (row_dmu - row_delta)[None, :])
         dv = tl.dot((p * lever).to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot((ds1 * scale).to(q_tile.dtype), q_tile, dk, input_precision=DOT_PRECISION)
-        dk = tl.dot(ds2.to(r_tile.dtype), r_tile, dk, input_precision=DOT_PRECISION)
+        g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
+        centred = g - row_dmu[None, :]
+        ds2 = (-p * centred).to(r_tile.dtype)
+        ds1 = (p * (centred * lever + (row_dmu - row_delta)[None, :]) * scale).to(q_tile.dtype)
+        dk = tl.dot(ds1, q_tile, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds2, r_tile, dk, input_precision=DOT_PRECISION)
+        if FUSED:
+            # Relaxed: nothing reads the sums until the launch ends.
+            dq_ptrs, in_bounds = tile_pointers(dq_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dq = tl.dot(tl.trans(ds1), k_tile, input_precision=DOT_PRECISION)
+            tl.atomic_add(dq_ptrs, dq, mask=in_bounds, sem="relaxed")
+            dr_ptrs, in_bounds = tile_pointers(dr_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+            dr = tl.dot(tl.trans(ds2), k_tile, input_precision=DOT_PRECISION)
+            tl.atomic_add(dr_ptrs, dr, mask=in_bounds, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+# Autotuning benchmarks launch the fused kernel repeatedly: zero its
+# accumulators before each run.
+@triton.autotune(configs=BACKWARD_KV_CONFIGS, key=AUTOTUNE_KEY + ["FUSED"], prune_configs_by=BACKWARD_KV_PRUNE,
+                 reset_to_zero=["dq_acc", "dr_acc"])
 @triton.jit
 def _parallax_bwd_dkdv_kernel(
-    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, cu_seqlens,
+    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu_seqlens,
     scale, T, S, HQ, HK, window, num_seqs, steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_tiles = tl.cdiv(S, BLOCK_N)
     if IS_VARLEN:
@@ -118,64 +139,57 @@ def _parallax_bwd_dkdv_kernel(
     kv_stride = HK * HEAD_DIM
     cols = tl.minimum(BLOCK_N, seq_len - n0)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_rows = (batch.to(tl.int64) * S + seq_start + n0) * kv_stride + kv_head * HEAD_DIM
-    tile_ptrs = offs_n[:, None] * kv_stride + offs_d[None, :]
-    tile_mask = (offs_n[:, None] < cols) & (offs_d[None, :] < HEAD_DIM)
-    k_tile = tl.load(k + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
-    v_tile = tl.load(v + kv_rows + tile_ptrs, mask=tile_mask, other=0.0)
+    kv_base = (batch.to(tl.int64) * S + seq_start) * kv_stride + kv_head * HEAD_DIM
+    k_tile = load_tile(k + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    v_tile = load_tile(v + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+    # Keys older than every query's window count as zeros (dQ would otherwise
+    # pick up 0 * whatever they hold). Selected after the load, and without a
+    # window too: the AOT table shows this form spills less than plain loads.
+    seen = offs_n < cols
+    if HAS_WINDOW:
+        seen &= n0 + offs_n > seq_len - query_len - window
+    k_tile = tl.where(seen[:, None], k_tile, 0.0)
+    v_tile = tl.where(seen[:, None], v_tile, 0.0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
     key_pos = n0 + offs_n
     lo, hi, full_lo, full_hi = query_range(n0, cols, query_len, seq_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_N)
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_M)
-    tail_tiles = total - head_tiles - full_tiles
     for member in range(GROUP):
         head = kv_head * GROUP + member
         q_offset = (batch.to(tl.int64) * T + seq_start) * q_stride + head * HEAD_DIM
         stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
         dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo, head_tiles, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-        dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo + head_tiles * BLOCK_M, full_tiles, key_pos, query_len, seq_len, window, scale,
-            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
-        dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset,
-            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
-            q_stride, lo + (head_tiles + full_tiles) * BLOCK_M, tail_tiles, key_pos, query_len, seq_len, window,
-            scale, qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    tl.store(dk + kv_rows + tile_ptrs, dk_acc.to(dk.dtype.element_ty), mask=tile_mask)
-    tl.store(dv + kv_rows + tile_ptrs, dv_acc.to(dv.dtype.element_ty), mask=tile_mask)
+            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset, dq_acc + q_offset,
+            dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            q_stride, lo, head_tiles, full_tiles, total, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
+            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION)
+    store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
+               HEAD_DIM, BLOCK_N, BLOCK_D)
+    store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
+               HEAD_DIM, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-                      k_seq, v_seq, kv_stride, first, count, query_pos, T, S, window, qk_scale_log2,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Add the contributions of `count` key tiles from key `first` to dQ / scale and dR."""
+                      k_seq, v_seq, kv_stride, first, head_tiles, full_tiles, total, query_pos, T, S, window,
+                      qk_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Add the contributions of `total` key tiles from key `first` to dQ / scale
+    and dR; tiles outside [head_tiles, head_tiles + full_tiles) are masked."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    for step in range(count):
+    for step in range(total):
         n0 = first + step * BLOCK_N
-        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
-        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         p = tl.exp2(s1 * qk_scale_log2 - lse_log2[:, None])
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             p = tl.where(visible(query_pos[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW),
                          p, 0.0)
+        s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
+        g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         centred = g - row_dmu[:, None]
         ds2 = -p * centred
         ds1 = p * (centred * (1.0 + row_sbar[:, None] - s2) + (row_dmu - row_delta)[:, None])
@@ -184,7 +198,7 @@ def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_d
     return dq, dr
 
 
-@triton.autotune(configs=BACKWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.autotune(configs=BACKWARD_Q_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=BACKWARD_Q_PRUNE)
 @triton.jit
 def _parallax_bwd_dq_kernel(
     q, r, k, v, do, lse, sbar, delta, dmu, dq, dr, cu_seqlens,
@@ -198,12 +212,13 @@ def _parallax_bwd_dq_kernel(
     if m0 >= seq_len:
         return
 
-    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
-        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
+    rows, offs_m, q_base, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, GROUP, BLOCK_M)
+    q_stride = HQ * HEAD_DIM
     kv_stride = HK * HEAD_DIM
-    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
-    do_tile = tl.load(do + row_ptrs, mask=row_mask, other=0.0)
+    q_tile = load_tile(q + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    r_tile = load_tile(r + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    do_tile = load_tile(do + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     row_ok = offs_m < rows
     lse_log2 = tl.load(lse + stat_rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
@@ -221,40 +236,44 @@ def _parallax_bwd_dq_kernel(
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
     dq_acc, dr_acc = _stream_keys_grad(
         dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo, head_tiles, query_pos, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    dq_acc, dr_acc = _stream_keys_grad(
-        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles, query_pos, seq_len, key_len, window,
-        qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
-    dq_acc, dr_acc = _stream_keys_grad(
-        dq_acc, dr_acc, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_delta, row_dmu,
-        k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N, total - head_tiles - full_tiles,
-        query_pos, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    tl.store(dq + row_ptrs, (dq_acc * scale).to(dq.dtype.element_ty), mask=row_mask)
-    tl.store(dr + row_ptrs, dr_acc.to(dr.dtype.element_ty), mask=row_mask)
+        k_seq, v_seq, kv_stride, lo, head_tiles, full_tiles, total, query_pos, seq_len, key_len, window,
+        qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
+    store_tile(dq + q_base, seq_len, q_stride, m0, (dq_acc * scale).to(dq.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
+    store_tile(dr + q_base, seq_len, q_stride, m0, dr_acc.to(dr.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
-def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens):
+def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens,
+                 deterministic: bool = False):
     """Contiguous tensors from `parallax_fwd` plus dO -> (dq, dr, dk, dv).
 
     Besides the four gradients it allocates two float32 [B, HQ, T] row
-    statistics, whatever the GQA group size.
+    statistics, whatever the GQA group size, and, fused (the default), float32
+    dQ and dR accumulators ([B, T, HQ, D] each).
     """
     B, T, HQ, D = q.shape
     S, HK = k.shape[1], k.shape[2]
-    dq, dr = torch.empty_like(q), torch.empty_like(r)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     dmu = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
+    fused = not deterministic
+    if fused:
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        dq, dr = torch.empty_like(q), torch.empty_like(r)
+        # Placeholders the deterministic kernel never reads; the autotuner
+        # zeroes them (reset_to_zero), so they must not alias real data.
+        dq_acc = dr_acc = torch.zeros(1, dtype=torch.float32, device=q.device)
     if D == 0 or B * HQ == 0:
-        return dq, dr, dk, dv
+        return _gradients(q, dq_acc, dr_acc) + (dk, dv) if fused else (dq, dr, dk, dv)
     block_d = head_block(D)
     rows = B * T * HQ
     if rows:
-        _row_dots_kernel[(triton.cdiv(rows, ROW_BLOCK),)](
-            grad_out, o, mu, delta, dmu, rows, T, HQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_ROWS=ROW_BLOCK)
+        row_block = max(16, ROW_BLOCK_ELEMENTS // block_d)
+        _row_dots_kernel[(triton.cdiv(rows, row_block),)](
+            grad_out, o, mu, delta, dmu, rows, T, HQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_ROWS=row_block)
     cu, num_seqs, steps = varlen_args(cu_seqlens, q.device)
     is_varlen = cu_seqlens is not None
     common = dict(
@@ -267,7 +286,10 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
             return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK,)
 
         _parallax_bwd_dkdv_kernel[key_grid](
-            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, cu, *scalars, **common)
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu, *scalars,
+            FUSED=fused, **common)
+    if fused:
+        return _gradients(q, dq_acc, dr_acc) + (dk, dv)
     if T:
         def query_grid(meta):
             return (tiles_per_head(T, num_seqs, meta["BLOCK_M"], is_varlen) * B * HQ,)
@@ -275,3 +297,8 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
         _parallax_bwd_dq_kernel[query_grid](
             q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, **common)
     return dq, dr, dk, dv
+
+
+def _gradients(q, dq_acc, dr_acc):
+    """The fused kernel's float32 sums in q's dtype (dq is already scaled)."""
+    return dq_acc.to(q.dtype), dr_acc.to(q.dtype)

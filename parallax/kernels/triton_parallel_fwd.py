@@ -15,29 +15,28 @@ import triton
 import triton.language as tl
 
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, PRUNE, head_block, key_range, query_tile, query_tile_offsets, search_steps,
-    tile_phases, tiles_per_head, visible,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
+    search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
 
 
 @triton.jit
-def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, first, count,
-                 offs_m, T, S, window, qk_scale_log2,
+def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, first, head_tiles, full_tiles,
+                 total, offs_m, T, S, window, qk_scale_log2,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """Fold `count` key tiles starting at key `first` into the running state."""
+                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold `total` key tiles starting at key `first` into the running state;
+    tiles outside [head_tiles, head_tiles + full_tiles) are masked. One loop
+    (not one per run of tiles): each loop keeps its own copy of the loop
+    state in registers, and ptxas spills when there are three."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    for step in range(count):
+    for step in range(total):
         n0 = first + step * BLOCK_N
-        tile_ptrs = n0.to(tl.int64) * kv_stride + offs_n[:, None] * kv_stride + offs_d[None, :]
-        in_bounds = ((n0 + offs_n)[:, None] < S) & (offs_d[None, :] < HEAD_DIM)
-        k_tile = tl.load(k_seq + tile_ptrs, mask=in_bounds, other=0.0)
-        v_tile = tl.load(v_seq + tile_ptrs, mask=in_bounds, other=0.0)
+        k_tile = load_tile(k_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
+        v_tile = load_tile(v_seq, S, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
         s1 = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale_log2
         s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
-        if MASKED:
+        if (step < head_tiles) | (step >= head_tiles + full_tiles):
             keep = visible(offs_m[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW)
             s1 = tl.where(keep, s1, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s1, 1))
@@ -55,7 +54,7 @@ def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, f
     return m_i, d1, d2, o1, o2
 
 
-@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.autotune(configs=FORWARD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=FORWARD_PRUNE)
 @triton.jit
 def _parallax_fwd_kernel(
     q, r, k, v, o, mu, lse, sbar, cu_seqlens,
@@ -69,11 +68,12 @@ def _parallax_fwd_kernel(
     if m0 >= seq_len:
         return
 
-    rows, offs_m, row_ptrs, row_mask, kv_base = query_tile_offsets(
-        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, BLOCK_D, GROUP, BLOCK_M)
+    rows, offs_m, q_base, kv_base = query_tile_offsets(
+        batch, head, seq_start, seq_len, m0, key_start, T, HQ, HK, HEAD_DIM, GROUP, BLOCK_M)
+    q_stride = HQ * HEAD_DIM
     kv_stride = HK * HEAD_DIM
-    q_tile = tl.load(q + row_ptrs, mask=row_mask, other=0.0)
-    r_tile = tl.load(r + row_ptrs, mask=row_mask, other=0.0)
+    q_tile = load_tile(q + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+    r_tile = load_tile(r + q_base, seq_len, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
     k_seq = k + kv_base
     v_seq = v + kv_base
 
@@ -87,18 +87,9 @@ def _parallax_fwd_kernel(
     lo, hi, full_lo, full_hi = key_range(m0, rows, seq_len, key_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M)
     head_tiles, full_tiles, total = tile_phases(lo, hi, full_lo, full_hi, BLOCK_N)
     m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo, head_tiles,
+        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo, head_tiles, full_tiles, total,
         positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
-    m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + head_tiles * BLOCK_N, full_tiles,
-        positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, False, DOT_PRECISION)
-    m_i, d1, d2, o1, o2 = _stream_keys(
-        m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, lo + (head_tiles + full_tiles) * BLOCK_N,
-        total - head_tiles - full_tiles,
-        positions, seq_len, key_len, window, qk_scale_log2,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, True, DOT_PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, DOT_PRECISION)
 
     # Rows that saw no key (d1 == 0) output 0.
     seen = d1 > 0
@@ -107,8 +98,10 @@ def _parallax_fwd_kernel(
     row_sbar = d2 * inv_d1
     row_mu = o1 * inv_d1[:, None]
     out = row_mu * (1.0 + row_sbar)[:, None] - o2 * inv_d1[:, None]
-    tl.store(o + row_ptrs, out.to(o.dtype.element_ty), mask=row_mask)
-    tl.store(mu + row_ptrs, row_mu.to(mu.dtype.element_ty), mask=row_mask)
+    store_tile(o + q_base, seq_len, q_stride, m0, out.to(o.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
+    store_tile(mu + q_base, seq_len, q_stride, m0, row_mu.to(mu.dtype.element_ty),
+               HEAD_DIM, BLOCK_M, BLOCK_D)
     stat_rows = (batch_head.to(tl.int64) * T + seq_start + m0) + offs_m
     # lse = +inf on empty rows makes every backward weight exp(s - lse) = 0.
     row_lse = tl.where(seen, (m_i + tl.log2(safe_d1)) * 0.6931471805599453, float("inf"))  # ln(2)

@@ -62,14 +62,14 @@ def _inputs(B, T, S, HQ, HK, D, dtype, seed=0):
     return [x.to(DEVICE, dtype) for x in (q, r, k, v)], do.to(DEVICE, dtype)
 
 
-def _check_against_float64(B, T, S, HQ, HK, D, causal, window_size, cu_seqlens, dtype):
+def _check_against_float64(B, T, S, HQ, HK, D, causal, window_size, cu_seqlens, dtype, deterministic=False):
     (q, r, k, v), grad_out = _inputs(B, T, S, HQ, HK, D, dtype)
     scale = D**-0.5
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32, device=DEVICE)
     mask = dict(causal=causal, window_size=window_size)
 
     def kernel(*x):
-        return parallax_attn(*x, scale=scale, cu_seqlens=cu, backend="triton", **mask)
+        return parallax_attn(*x, scale=scale, cu_seqlens=cu, backend="triton", deterministic=deterministic, **mask)
 
     def exact(*x):
         return _per_sequence(parallax_reference, *x, cu, scale=scale, **mask)
@@ -111,6 +111,14 @@ FLOAT16_CASES = [
 ]
 
 
+# The three-launch deterministic backward on cases that still span GQA,
+# windows, T != S, empty rows and varlen.
+DETERMINISTIC_CASES = [
+    "causal_gqa4:2_d16", "causal_gqa4:1_d24_window5", "noncausal_gqa4:1_d16_T<S",
+    "causal_d24_T>S_empty_rows_window5", "varlen3_causal_gqa4:1_d24_window17",
+]
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_float32_matches_float64(case):
     _check_against_float64(*CASES[case], dtype=torch.float32)
@@ -119,6 +127,22 @@ def test_float32_matches_float64(case):
 @pytest.mark.parametrize("case", FLOAT16_CASES, ids=FLOAT16_CASES)
 def test_float16_matches_float64(case):
     _check_against_float64(*CASES[case], dtype=torch.float16)
+
+
+@pytest.mark.parametrize("case", DETERMINISTIC_CASES, ids=DETERMINISTIC_CASES)
+def test_deterministic_float32_matches_float64(case):
+    _check_against_float64(*CASES[case], dtype=torch.float32, deterministic=True)
+
+
+@pytest.mark.parametrize("case", ["causal_gqa4:2_d24_window17", "varlen3_causal_gqa4:2_d16"])
+def test_deterministic_float16_matches_float64(case):
+    _check_against_float64(*CASES[case], dtype=torch.float16, deterministic=True)
+
+
+def test_deterministic_flag_type():
+    (q, r, k, v), _ = _inputs(1, 4, 4, 1, 1, 16, torch.float32)
+    with pytest.raises(TypeError, match="deterministic"):
+        parallax_attn(q, r, k, v, backend="triton", deterministic="yes")
 
 
 def test_no_probe_is_softmax_attention():
@@ -150,16 +174,18 @@ def test_saved_row_statistics():
     assert (o[:, ~seen] == 0).all() and (mu[:, ~seen] == 0).all()
 
 
-def test_keys_outside_every_window_are_never_read():
-    """Key tiles wholly outside the window are skipped, not masked: NaN there
-    cannot reach the output or dQ / dR."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_keys_outside_every_window_are_never_read(deterministic):
+    """Keys outside every window are never read: NaN there cannot reach the
+    output, dQ / dR, or the gradients of the keys that are seen."""
     (q, r, k, v), grad_out = _inputs(1, 16, 64, 2, 1, 16, torch.float32)
     unseen = 64 - 16 - 5 + 1  # keys 0 .. S - T - W never fall in a window of 5
     poisoned = [x.clone() for x in (k, v)]
     for x in poisoned:
         x[:, :unseen] = float("nan")
-    got = _output_and_grads(lambda *x: parallax_attn(*x, window_size=5, backend="triton"),
-                            (q, r, *poisoned), grad_out)
+    got = _output_and_grads(
+        lambda *x: parallax_attn(*x, window_size=5, backend="triton", deterministic=deterministic),
+        (q, r, *poisoned), grad_out)
     ref = _output_and_grads(lambda *x: parallax_reference(*x, window_size=5),
                             [x.double() for x in (q, r, k, v)], grad_out)
     for g, e in zip(got[:3], ref[:3]):
@@ -167,27 +193,31 @@ def test_keys_outside_every_window_are_never_read():
     assert max_err(got[3][:, unseen:], ref[3][:, unseen:]) < 1e-5
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_torch_compile_fullgraph_matches_eager(deterministic):
     (q, r, k, v), grad_out = _inputs(1, 21, 21, 2, 1, 24, torch.float32)
 
     def loss(q, r, k, v):
-        return parallax_attn(q, r, k, v, window_size=17, backend="triton")
+        return parallax_attn(q, r, k, v, window_size=17, backend="triton", deterministic=deterministic)
 
     compiled = torch.compile(loss, fullgraph=True)
     eager_out = _output_and_grads(loss, (q, r, k, v), grad_out)
     compiled_out = _output_and_grads(compiled, (q, r, k, v), grad_out)
+    # The fused backward's atomics may sum in another order on a GPU.
+    tolerance = 0 if deterministic or DEVICE == "cpu" else 1e-6
     for e, c in zip(eager_out, compiled_out):
-        torch.testing.assert_close(c, e, rtol=0, atol=0)
+        torch.testing.assert_close(c, e, rtol=tolerance, atol=tolerance)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_opcheck(deterministic):
     (q, r, k, v), grad_out = _inputs(1, 9, 9, 2, 1, 16, torch.float32)
     q, r, k, v = (x.requires_grad_() for x in (q, r, k, v))
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(attn_fwd, (q, r, k, v, 0.25, True, 3, cu))
+    torch.library.opcheck(attn_fwd, (q, r, k, v, 0.25, True, 3, cu, deterministic))
     saved = attn_fwd(q, r, k, v, 0.25, False, -1, None)
     plain = [x.detach() for x in (grad_out, q, r, k, v, *saved)]
-    torch.library.opcheck(attn_bwd, (*plain, 0.25, False, -1, None))
+    torch.library.opcheck(attn_bwd, (*plain, 0.25, False, -1, None, deterministic))
 
 
 @pytest.mark.gpu
@@ -201,6 +231,18 @@ def test_opcheck():
 ], ids=["d128_gqa4", "d80_window100", "d96_noncausal", "d256", "varlen4_window128"])
 def test_gpu_shapes_match_float64(case, dtype):
     _check_against_float64(*case, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bitwise_reproducible():
+    (q, r, k, v), grad_out = _inputs(2, 1024, 1024, 8, 2, 128, torch.bfloat16)
+
+    def run():
+        return _output_and_grads(lambda *x: parallax_attn(*x, backend="triton", deterministic=True),
+                                 (q, r, k, v), grad_out)
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

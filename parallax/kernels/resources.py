@@ -1,0 +1,180 @@
+"""What a tiling of a training kernel costs in shared memory and registers.
+
+The autotune pruner (`triton_parallel.prune`) keeps only the configs this
+model says fit the GPU, and `tests/kernels/test_resources.py` checks the model
+against every row of the AOT compile table (benchmarks/results/aot_kernels.md,
+written by `python -m parallax.kernels.aot`).
+
+Shared memory. Triton stages each tile a `tl.dot` reads from memory through
+shared memory: the tiles a program keeps resident once, the streamed tiles
+once per pipeline stage (`num_stages` buffers). On top come layout
+conversions (score tiles handed from one product to the next, transposes),
+bounded here by CONVERSION_BYTES. The model is an upper bound.
+
+Registers. A float32 accumulator of R x C elements costs R * C / threads
+registers per thread; a score tile that feeds a second product is spread
+over min(num_warps, rows / 16) warps only (Triton puts the warps of chained
+products along their rows; the others hold copies). The estimate adds the
+accumulators, the score tiles, the resident operands where the products take
+them from registers (mma.sync before Hopper or with few rows; float32, whose
+products run on FMA units) and a fixed cost (addresses, row statistics, loop
+state), with per-kernel weights fitted to the AOT table. ptxas spills past
+MAX_REGISTERS; a tiling fits when the estimate is within MAX_REGISTERS plus
+the spill budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# float32 inputs go to the Triton kernels (by default) up to this head dim:
+# beyond it their FMA products leave no tiling within the registers.
+FLOAT32_MAX_HEAD_DIM = 64
+MAX_REGISTERS = 255            # per thread, what ptxas allocates before spilling
+SPILL_BUDGET = 64              # bytes of spill stores per thread a kept config may have
+REGISTERS_PER_BLOCK = 65536
+CONVERSION_BYTES = 16 * 1024   # layout-conversion scratch, upper bound seen in the AOT table
+
+# Per kernel. resident / streamed / accumulators: (row side, count) of
+# [rows, head_dim] tiles, the rows being BLOCK_M ("m") or BLOCK_N ("n");
+# scores: [BLOCK_M, BLOCK_N] tiles alive per step; products: [rows, head_dim]
+# float32 results made and consumed each step (the fused dQ, dR); weights and
+# fixed registers fitted to the AOT table (sm_90 and sm_80, heaviest flags).
+# Per kernel: resident / streamed / accumulators: (row side, count) of
+# [rows, head_dim] tiles, the rows being BLOCK_M ("m") or BLOCK_N ("n");
+# scores: [BLOCK_M, BLOCK_N] tiles alive per step; products: [rows, head_dim]
+# float32 results made and consumed each step (the fused dQ, dR); transposes:
+# the score tiles they take, staged in shared memory.
+KERNELS = {
+    # q, r resident; k, v streamed; s1, s2 scores; o1, o2 accumulators.
+    "forward": dict(resident=("m", 2), streamed=("n", 2), accumulators=("m", 2), scores=2),
+    # k, v resident; q, r, dO streamed; s1, s2, g scores; dk, dv accumulators.
+    "backward_kv": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3),
+    "backward_kv_fused": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3,
+                              transposes=True, products=("m", 1)),
+    # q, r, dO resident; k, v streamed; s1, s2, g scores; dq, dr accumulators.
+    "backward_q": dict(resident=("m", 3), streamed=("n", 2), accumulators=("m", 2), scores=3),
+}
+# Register weights (accumulator, score, resident operand, per warp, fixed)
+# per kernel and kind of product: "wgmma" (Hopper, operands from shared
+# memory), "mma" (mma.sync: operands in registers, and the warps beyond the
+# score tile's rows hold copies), "fma" (float32, no tensor cores). Fitted to
+# the AOT table (`--all-configs` at sm_90 and sm_80, heaviest flags);
+# float32 code differs enough between sm_80 and sm_90 to be fitted apart.
+WEIGHTS = {
+    "forward": {"wgmma": (1.2, 1.0, 0.0, 0, 68), "mma": (1.0, 1.5, 0.0, 0, 112), "fma": (1.2, 1.0, 1.0, 0, 100),
+                "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
+    "backward_kv": {"wgmma": (1.2, 0.5, 0.0, 0, 141), "mma": (1.2, 1.0, 1.0, 8, 106),
+                    "fma": (1.2, 1.0, 1.0, 0, 156), "fma_sm90": (1.2, 1.0, 1.0, 0, 156)},
+    "backward_kv_fused": {"wgmma": (1.2, 0.5, 0.0, 0, 155), "mma": (1.2, 1.0, 1.0, 8, 84),
+                          "fma": (1.2, 1.0, 1.0, 0, 148), "fma_sm90": (1.2, 1.0, 1.0, 8, 120)},
+    "backward_q": {"wgmma": (1.2, 0.5, 0.0, 0, 90), "mma": (1.2, 1.0, 1.0, 0, 96), "fma": (1.2, 1.0, 1.0, 0, 100),
+                   "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
+}
+
+
+# Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), largest
+# tiles first; the pruner keeps those that fit. The forward keeps a query
+# tile (BLOCK_M rows, two float32 accumulators) resident and streams BLOCK_N
+# keys; dK/dV keeps BLOCK_N keys (two accumulators) and streams BLOCK_M
+# queries; dQ mirrors the forward. Score tiles feed a second product, so
+# Triton puts all warps along their rows: 16 or more rows per warp there
+# (BLOCK_M for the forward and dQ, BLOCK_N for dK/dV) avoids computing them
+# twice. The small tilings serve head dim 256 and float32.
+CANDIDATES = {
+    "forward": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2),
+                (32, 16, 4, 1), (16, 32, 4, 1)],
+    "backward_kv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1),
+                    (16, 32, 4, 1)],
+    "backward_q": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1),
+                   (32, 16, 8, 1), (16, 32, 4, 1)],
+}
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def rows(self, side: str) -> int:
+        return self.block_m if side == "m" else self.block_n
+
+
+def _score_rows(kernel: str, t: Tiling) -> int:
+    """Rows of the products that make the score tiles (keys for dK/dV)."""
+    return t.block_n if kernel.startswith("backward_kv") else t.block_m
+
+
+def uses_wgmma(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> bool:
+    """Hopper's warpgroup MMA: 16-bit inputs and at least 64 rows (one
+    warpgroup's worth) in the products that make the score tiles."""
+    return arch >= 90 and elem_bytes == 2 and _score_rows(kernel, t) >= 64 and t.num_warps % 4 == 0
+
+
+def product_kind(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> str:
+    if elem_bytes == 4:
+        return "fma_sm90" if arch >= 90 else "fma"
+    return "wgmma" if uses_wgmma(kernel, arch, elem_bytes, t) else "mma"
+
+
+def shared_bytes(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> int:
+    """Upper bound on the dynamic shared memory of one program: num_stages
+    buffers of the streamed tiles (mma.sync often uses one fewer: see
+    `shared_slack`); float32 products stage their score operands through
+    shared memory too."""
+    spec = KERNELS[kernel]
+    kind = product_kind(kernel, arch, elem_bytes, t)
+    side, count = spec["resident"]
+    resident = count * t.rows(side) * block_d * elem_bytes
+    side, count = spec["streamed"]
+    per_stage = count * t.rows(side) * block_d * elem_bytes
+    total = resident + max(1, t.num_stages) * per_stage
+    if spec.get("transposes"):
+        # Transposed score tiles for dq, dr; the compiler's staging grows
+        # with the rows of the product (measured: 1x at 16 rows, 4x at 64).
+        total += t.block_m * t.block_n * elem_bytes * max(1, t.block_m // 16)
+    if kind.startswith("fma"):
+        total += spec["scores"] * t.block_m * t.block_n * elem_bytes
+    return total + CONVERSION_BYTES
+
+
+def shared_slack(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> int:
+    """How far above the compiled kernel's shared memory `shared_bytes` may
+    be: the conversion scratch it reserves and, without wgmma, a pipeline
+    buffer and the staged score operands the compiler may do without."""
+    spec = KERNELS[kernel]
+    kind = product_kind(kernel, arch, elem_bytes, t)
+    if kind == "wgmma":
+        return 2 * CONVERSION_BYTES
+    side, count = spec["streamed"]
+    slack = 2 * CONVERSION_BYTES + count * t.rows(side) * block_d * elem_bytes
+    if kind.startswith("fma"):
+        slack += spec["scores"] * t.block_m * t.block_n * elem_bytes
+    return slack
+
+
+def registers(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> float:
+    """Estimated registers per thread the tiling asks for (before spilling)."""
+    spec = KERNELS[kernel]
+    accumulator_w, score_w, operand_w, warp_w, fixed = WEIGHTS[kernel][product_kind(kernel, arch, elem_bytes, t)]
+    threads = 32 * t.num_warps
+    side, count = spec["accumulators"]
+    need = accumulator_w * count * t.rows(side) * block_d / threads
+    warps_on_scores = max(1, min(t.num_warps, _score_rows(kernel, t) // 16))
+    need += score_w * spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
+    if "products" in spec:
+        side, count = spec["products"]
+        need += count * t.rows(side) * block_d / threads
+    side, count = spec["resident"]
+    need += operand_w * count * t.rows(side) * block_d * elem_bytes / 4 / threads
+    return need + warp_w * t.num_warps + fixed
+
+
+def fits(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling, max_shared: int) -> bool:
+    """Launchable (shared memory, registers per block) and within the spill budget."""
+    if shared_bytes(kernel, arch, elem_bytes, block_d, t) > max_shared:
+        return False
+    if 32 * t.num_warps * MAX_REGISTERS > REGISTERS_PER_BLOCK:
+        return False
+    return registers(kernel, arch, elem_bytes, block_d, t) <= MAX_REGISTERS + SPILL_BUDGET / 4
