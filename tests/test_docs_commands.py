@@ -119,6 +119,8 @@ RULES = [
     Rule("python -m benchmarks.bench_train_kernels", append=("--quick",), needs_cuda=True),
     Rule("python -m benchmarks.bench_decode", needs_cuda=True),
     Rule("python benchmarks/bench_decode.py", needs_cuda=True),
+    # The full sweep is ~15 CPU-minutes; docs commands run the CI subset (tests/kernels/test_aot.py checks its rows).
+    Rule("python -m parallax.kernels.aot", append=("--subset", "ci")),
     Rule("python -m parallax.hf.export runs/default", setup=from_run("python train.py", "runs/default")),
 ]
 
