@@ -104,41 +104,42 @@ class _BlockwiseParallax(torch.autograd.Function):
         out_heads[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
         kept = []
         for rows, keys in blocks:
-            bias = mask_bias(rows, keys, S - T, causal, window_size, dtype, q.device)
             sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
-            state = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl], bias, scale)
-            out_heads[:, :, :, sl] = state.o.unflatten(0, (B, HK))
+            mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, q.device)
+            state, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl], mask)
+            out_heads[:, :, :, sl] = o.unflatten(0, (B, HK))
             if keep:
                 kept += state
-        ctx.save_for_backward(qs, rh, kh, vh, *kept)
+        ctx.save_for_backward(qs, rh, kh, vh, out, *kept)
         ctx.args = (scale, causal, window_size, blocks)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        qs, rh, kh, vh, *kept = ctx.saved_tensors
+        qs, rh, kh, vh, out, *kept = ctx.saved_tensors
         scale, causal, window_size, blocks = ctx.args
         B, T, HQ, D = grad_out.shape
         S, HK = kh.shape[1], kh.shape[0] // B
         dtype = qs.dtype
         do = to_heads(grad_out, HK, dtype)
+        d = None if rh is None else (do * to_heads(out, HK, dtype)).sum(-1, keepdim=True)  # D_i = <dO_i, o_i>
         dq = torch.empty_like(grad_out)
         dr = None if rh is None else torch.empty_like(grad_out)
         row_grads = [heads_view(x, HK) for x in (dq, dr) if x is not None]
         for x in row_grads:
             x[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
         dk = dv = None
-        fields = len(BlockState._fields)
         for i in reversed(range(len(blocks))):  # the last block sees the most keys: it starts dk, dv
             rows, keys = blocks[i]
             sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
             qc, rc, kc, vc = qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl]
             if kept:
-                state = BlockState(*kept[i * fields:(i + 1) * fields])
+                state = BlockState(*kept[2 * i:2 * i + 2])
             else:
-                bias = mask_bias(rows, keys, S - T, causal, window_size, dtype, qs.device)
-                state = block_forward(qc, rc, kc, vc, bias, scale)
-            gq, gr, gk, gv = block_backward(state, do[:, :, sl], qc, rc, kc, vc, scale, overwrite=not kept)
+                mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, qs.device)
+                state, _ = block_forward(qc, rc, kc, vc, mask, output=False)
+            gq, gr, gk, gv = block_backward(state, do[:, :, sl], None if d is None else d[:, :, sl],
+                                            qc, rc, kc, vc, scale)
             for x, g in zip(row_grads, (gq, gr)):
                 x[:, :, :, sl] = g.unflatten(0, (B, HK))
             dk, dv = _add_keys(dk, gk, keys, S), _add_keys(dv, gv, keys, S)

@@ -5,12 +5,13 @@ Layout: queries are [N, G, R, D] and keys [N, K, D] with N = batch * KV heads
 and G query heads per KV head, so grouped-query attention multiplies the G * R
 query rows of a group against its keys in one matmul, keys never repeated.
 
-Matrix products dominate, then passes over [R, K] tensors, so a block makes
-three [R, K] tensors in its forward and keeps two, p and the Parallax weights
-w = p (1 + sbar - s2), updating them in place:
+Matrix products dominate, then passes over [R, K] tensors (and, on CPU, the
+first touch of fresh memory), so a block makes two [R, K] tensors in its
+forward and turns them in place into the two it keeps: p and the Parallax
+weights w = p (1 + sbar - s2).
 
-    s1 = (scale q) k^T + bias (0 / -inf),  p = softmax(s1)
-    sbar = rowsum(p s2),  w = p (1 + sbar - s2)  (in place of s2 = r k^T),  o = w v
+    s1 = (scale q) k^T + mask bias (0 / -inf),  p = softmax(s1)
+    s2 = r k^T,  P2 = p s2,  sbar = rowsum(P2),  w = p (1 + sbar) - P2,  o = w v
 
 The backward rewrites docs/parallax-math.md's ds1 through w, since
 p (g - E)(1 + sbar - s2) = (g - E) w:
@@ -19,9 +20,8 @@ p (g - E)(1 + sbar - s2) = (g - E) w:
     ds1 = (g - E) w + (E - D) p,   ds2 = -p (g - E)
     dq = scale ds1 k,  dr = ds2 k,  dk = ds1^T (scale q) + ds2^T r,  dv = w^T dO
 
-which is six matrix products (nine with the forward's three) and two new
-[R, K] tensors, g and ds1 (none when the scores may be overwritten). With
-`r=None` (softmax attention) w is p and ds2 is not needed.
+six matrix products (nine with the forward's three) and two new [R, K]
+tensors, g and ds1. With `r=None` (softmax attention) w is p and D = E.
 """
 from __future__ import annotations
 
@@ -50,78 +50,98 @@ def to_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype, scale: float | 
     return out.view(B * kv_heads, H // kv_heads, T, D)
 
 
+class MaskBand(NamedTuple):
+    """Additive mask of a block on a band of its keys: `bias` [R, len(cols)] is
+    0 where the row sees the key and -inf elsewhere; `cols` indexes the block's keys."""
+
+    bias: torch.Tensor
+    cols: slice
+
+
 def mask_bias(rows: range, keys: range, shift: int, causal: bool, window_size: int | None,
-              dtype: torch.dtype, device) -> torch.Tensor | None:
-    """Additive mask [len(rows), len(keys)]: 0 where query row i (at key position
-    i + shift) sees key j, -inf elsewhere; None when every key is visible."""
+              dtype: torch.dtype, device) -> list[MaskBand]:
+    """The mask of query rows `rows` (row i at key position i + shift) against
+    `keys`, as bands; every key outside them is seen by every row.
+
+    Only the causal diagonal and the window's lower edge cut through a block,
+    a band of len(rows) - 1 keys each, so the bias is [R, about R], not [R, K].
+    """
+    edges = []
+    if causal:
+        edges.append((rows.start + shift + 1, rows.stop + shift))
+    if window_size is not None:
+        edges.append((rows.start + shift - window_size + 1, rows.stop + shift - window_size))
+    bands = []
+    for lo, hi in sorted((max(lo, keys.start), min(hi, keys.stop)) for lo, hi in edges):
+        if hi <= lo:
+            continue
+        if bands and lo <= bands[-1][1]:
+            bands[-1] = (bands[-1][0], max(hi, bands[-1][1]))
+        else:
+            bands.append((lo, hi))
     query_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + shift
-    key_pos = torch.arange(keys.start, keys.stop, device=device)[None, :]
-    visible = keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
-    if bool(visible.all()):
-        return None
-    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    out = []
+    for lo, hi in bands:
+        key_pos = torch.arange(lo, hi, device=device)[None, :]
+        visible = keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
+        bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        out.append(MaskBand(bias, slice(lo - keys.start, hi - keys.start)))
+    return out
+
+
+class BlockState(NamedTuple):
+    """What a block's forward leaves for its backward: p and w [N, G * R, K]
+    (w is p for softmax attention)."""
+
+    p: torch.Tensor
+    w: torch.Tensor
 
 
 def softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim, in place: a fresh [R, K] tensor costs more
-    than the extra pass (first-touch page faults of the new memory)."""
+    """Softmax over the last dim, in place (a fresh tensor would cost its page faults)."""
     x.sub_(x.amax(-1, keepdim=True)).exp_()
     return x.mul_(x.sum(-1, keepdim=True).reciprocal_())
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_ij b_ij as [..., R, 1], without materialising a * b."""
-    return torch.einsum("nik,nik->ni", a, b).unsqueeze(-1)
-
-
-class BlockState(NamedTuple):
-    """What a block's forward leaves for its backward: p and w [N, G, R, K]
-    (w is p for softmax attention) and the output o [N, G, R, D]."""
-
-    p: torch.Tensor
-    w: torch.Tensor
-    o: torch.Tensor
-
-
-def block_forward(qs, r, k, v, bias, scale: float) -> BlockState:
+def block_forward(qs, r, k, v, mask: list[MaskBand], *, output: bool = True):
     """Forward of query rows qs = scale * q and r [N, G, R, D] (r may be None)
-    against keys k, v [N, K, D], under an additive mask `bias` [R, K] (or
-    None); every row must see a key."""
+    against keys k, v [N, K, D]; every row must see a key.
+
+    Returns the BlockState and o [N, G, R, D] (None unless `output`).
+    """
     N, G, R, D = qs.shape
     K = k.shape[1]
     s1 = torch.matmul(qs.reshape(N, G * R, D), k.transpose(1, 2))
-    if bias is not None:
-        s1.view(N, G, R, K).add_(bias)
-    p = softmax_(s1)
-    w = p
+    for band in mask:
+        s1.view(N, G, R, K)[..., band.cols].add_(band.bias)
+    p = w = softmax_(s1)
     if r is not None:
-        s2 = torch.matmul(r.reshape(N, G * R, D), k.transpose(1, 2))
-        one_sbar = row_dot(p, s2).add_(1.0)
-        w = torch.sub(one_sbar, s2, out=s2).mul_(p)
-    o = torch.matmul(w, v).view(N, G, R, D)
-    return BlockState(p, w, o)
+        p2 = torch.matmul(r.reshape(N, G * R, D), k.transpose(1, 2)).mul_(p)
+        one_sbar = p2.sum(-1, keepdim=True).add_(1.0)
+        w = p2.neg_().addcmul_(p, one_sbar)  # p (1 + sbar) - p s2
+    o = torch.matmul(w, v).view(N, G, R, D) if output else None
+    return BlockState(p, w), o
 
 
-def block_backward(state: BlockState, do, qs, r, k, v, scale: float, *, overwrite: bool):
-    """Gradients of one block from its forward state and dO [N, G, R, D];
-    qs = scale * q as in `block_forward`.
+def block_backward(state: BlockState, do, d, qs, r, k, v, scale: float):
+    """Gradients of one block from its forward state, dO [N, G, R, D] and
+    D = <dO, o> [N, G, R, 1] (None for softmax attention); qs = scale * q.
 
     Returns dq, dr (None without r), dk, dv; dk and dv [N, K, D] are this
-    block's contributions. `overwrite` lets the backward reuse the state's
-    memory (only when nothing else holds it).
+    block's contributions.
     """
-    p, w = state.p, state.w
+    p, w = state
     N, GR, K = p.shape
     G, R, D = qs.shape[1], qs.shape[2], qs.shape[3]
     do_f = do.reshape(N, GR, D)
     g = torch.matmul(do_f, v.transpose(1, 2))
-    e = row_dot(p, g)  # E_i = sum_j p_ij g_ij = <dO_i, mu_i>
+    ds1 = torch.mul(p, g)
+    e = ds1.sum(-1, keepdim=True)  # E_i = sum_j p_ij g_ij = <dO_i, mu_i>
     g.sub_(e)
     dv = torch.matmul(w.transpose(1, 2), do_f)
-    ds1 = w.mul_(g) if overwrite else w * g
-    if r is not None:  # with r=None, E = D and ds1 = p (g - E)
-        d = (do_f * state.o.reshape(N, GR, D)).sum(-1, keepdim=True)  # D_i = <dO_i, o_i>
-        ds1.addcmul_(p, e - d)
+    torch.mul(w, g, out=ds1)
+    if r is not None:
+        ds1.addcmul_(p, e - d.reshape(N, GR, 1))
     dq = torch.matmul(ds1, k).mul_(scale).view(N, G, R, D)
     dk = torch.matmul(ds1.transpose(1, 2), qs.reshape(N, GR, D))
     if r is None:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from parallax.kernels import blockwise
+from parallax.kernels.dense import mask_bias
 from parallax.kernels.reference import visible_keys
 
 
@@ -32,3 +33,19 @@ def test_training_shapes_keep_scores_and_long_sequences_recompute():
     assert not keep and len(blocks) > 1
     limit = max(blockwise.SCORE_BLOCK_ELEMENTS, 2 * blockwise.MIN_BLOCK_ROWS * 8192)
     assert all(2 * len(r) * len(k) <= limit for r, k in blocks)  # [B * HQ, rows, keys] score blocks
+
+
+@pytest.mark.parametrize("T, S, causal, window", [
+    (13, 13, True, None), (13, 13, True, 4), (13, 13, True, 1), (5, 12, True, 3), (9, 4, True, None),
+    (7, 11, False, None), (8, 8, False, 3), (8, 8, False, 20),
+])
+def test_mask_bias_of_each_block_is_the_mask(T, S, causal, window):
+    """The bias covers the keys some rows of a block see and others do not;
+    every other key of the block is seen by every row."""
+    visible = visible_keys(T, S, causal=causal, window_size=window)
+    for r, k in blockwise.row_blocks(T, S, 4, causal, window):
+        block = torch.ones(len(r), len(k), dtype=torch.bool)
+        for band in mask_bias(r, k, S - T, causal, window, torch.float64, "cpu"):
+            assert band.bias.shape[1] < len(r) * (1 + (causal and window is not None))
+            block[:, band.cols] = band.bias == 0
+        assert torch.equal(block, visible[r.start:r.stop, k.start:k.stop])
