@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .dense import BlockState, block_backward, block_forward, heads_view, mask_bias, to_heads
+from .dense import BlockState, RowStats, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
 
 # Rows per block: as many as fill SCORE_BLOCK_ELEMENTS elements of a
 # [B * HQ, rows, keys] score matrix (a few MB, near the L2 cache, and causal
@@ -102,15 +102,16 @@ class _BlockwiseParallax(torch.autograd.Function):
         out = torch.empty_like(q)
         out_heads = heads_view(out, HK)
         out_heads[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
-        kept = []
+        kept = []  # per block: p and w when kept, else its RowStats
         for rows, keys in blocks:
             sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
             mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, q.device)
-            state, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl], mask)
+            state, stats, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl],
+                                            vh[:, kl], mask)
             out_heads[:, :, :, sl] = o.unflatten(0, (B, HK))
-            if keep:
-                kept += state
+            kept += state if keep else stats
         ctx.save_for_backward(qs, rh, kh, vh, out, *kept)
+        ctx.keep = keep
         ctx.args = (scale, causal, window_size, blocks)
         return out
 
@@ -133,11 +134,11 @@ class _BlockwiseParallax(torch.autograd.Function):
             rows, keys = blocks[i]
             sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
             qc, rc, kc, vc = qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl]
-            if kept:
+            if ctx.keep:
                 state = BlockState(*kept[2 * i:2 * i + 2])
             else:
                 mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, qs.device)
-                state, _ = block_forward(qc, rc, kc, vc, mask, output=False)
+                state = block_recompute(qc, rc, kc, mask, RowStats(*kept[2 * i:2 * i + 2]))
             gq, gr, gk, gv = block_backward(state, do[:, :, sl], None if d is None else d[:, :, sl],
                                             qc, rc, kc, vc, scale)
             for x, g in zip(row_grads, (gq, gr)):

@@ -97,30 +97,50 @@ class BlockState(NamedTuple):
     w: torch.Tensor
 
 
-def softmax_(x: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim, in place (a fresh tensor would cost its page faults)."""
-    x.sub_(x.amax(-1, keepdim=True)).exp_()
-    return x.mul_(x.sum(-1, keepdim=True).reciprocal_())
+class RowStats(NamedTuple):
+    """Per-row statistics [N, G * R, 1] from which `block_recompute` rebuilds a
+    BlockState in fewer passes: log-sum-exp of s1 and 1 + sbar (None without r)."""
+
+    lse: torch.Tensor
+    one_sbar: torch.Tensor | None
 
 
-def block_forward(qs, r, k, v, mask: list[MaskBand], *, output: bool = True):
+def _scores(x, k, mask: list[MaskBand]):
+    """x k^T [N, G * R, K] for rows x [N, G, R, D], plus the mask bias."""
+    N, G, R, D = x.shape
+    s = torch.matmul(x.reshape(N, G * R, D), k.transpose(1, 2))
+    for band in mask:
+        s.view(N, G, R, -1)[..., band.cols].add_(band.bias)
+    return s
+
+
+def block_forward(qs, r, k, v, mask: list[MaskBand]):
     """Forward of query rows qs = scale * q and r [N, G, R, D] (r may be None)
     against keys k, v [N, K, D]; every row must see a key.
 
-    Returns the BlockState and o [N, G, R, D] (None unless `output`).
+    Returns the BlockState, its RowStats and o [N, G, R, D].
     """
     N, G, R, D = qs.shape
-    K = k.shape[1]
-    s1 = torch.matmul(qs.reshape(N, G * R, D), k.transpose(1, 2))
-    for band in mask:
-        s1.view(N, G, R, K)[..., band.cols].add_(band.bias)
-    p = w = softmax_(s1)
+    p = w = _scores(qs, k, mask)
+    row_max = p.amax(-1, keepdim=True)
+    row_sum = p.sub_(row_max).exp_().sum(-1, keepdim=True)
+    p.mul_(row_sum.reciprocal())  # softmax in place: a fresh tensor would cost its page faults
+    one_sbar = None
     if r is not None:
-        p2 = torch.matmul(r.reshape(N, G * R, D), k.transpose(1, 2)).mul_(p)
+        p2 = _scores(r, k, []).mul_(p)
         one_sbar = p2.sum(-1, keepdim=True).add_(1.0)
         w = p2.neg_().addcmul_(p, one_sbar)  # p (1 + sbar) - p s2
-    o = torch.matmul(w, v).view(N, G, R, D) if output else None
-    return BlockState(p, w), o
+    o = torch.matmul(w, v).view(N, G, R, D)
+    return BlockState(p, w), RowStats(row_sum.log_().add_(row_max), one_sbar), o
+
+
+def block_recompute(qs, r, k, mask: list[MaskBand], stats: RowStats) -> BlockState:
+    """The BlockState of `block_forward` again, from its RowStats."""
+    p = w = _scores(qs, k, mask).sub_(stats.lse).exp_()
+    if r is not None:
+        s2 = _scores(r, k, [])
+        w = torch.sub(stats.one_sbar, s2, out=s2).mul_(p)  # p (1 + sbar - s2)
+    return BlockState(p, w)
 
 
 def block_backward(state: BlockState, do, d, qs, r, k, v, scale: float):
