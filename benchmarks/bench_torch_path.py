@@ -27,11 +27,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from parallax import parallax_attn, parallax_reference, softmax_attention
 
 HEADS, HEAD_DIM = 4, 32
-IMPLS = ("parallax", "sdpa", "naive")
+IMPLS = ("parallax", "sdpa", "naive", "jvp")
 
 
 def naive_parallax(q, r, k, v):
@@ -44,6 +45,18 @@ def naive_parallax(q, r, k, v):
     s2 = r @ k.transpose(-1, -2)
     sbar = (p * s2).sum(-1, keepdim=True)
     return ((p * (1 + sbar - s2)) @ v).transpose(1, 2)
+
+
+def jvp_parallax(q, r, k, v):
+    """Parallax from the identity o = A(q) - dA(q)[r / scale]: SDPA (math backend:
+    the fused CPU kernel has no forward-mode derivative) and its jvp along r / scale."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, r, k, v = (x.transpose(1, 2) for x in (q, r, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        attend = lambda x: F.scaled_dot_product_attention(x, k, v, is_causal=True)  # noqa: E731
+        a, da = torch.func.jvp(attend, (q,), (r / q.shape[-1] ** -0.5,))
+    return (a - da).transpose(1, 2)
 
 
 def naive_bytes(B, T):
@@ -63,29 +76,37 @@ def run(impl, q, r, k, v):
         return parallax_attn(q, r, k, v, backend="torch"), (q, r, k, v)
     if impl == "sdpa":
         return softmax_attention(q, k, v), (q, k, v)
+    if impl == "jvp":
+        return jvp_parallax(q, r, k, v), (q, r, k, v)
     return naive_parallax(q, r, k, v), (q, r, k, v)
 
 
-def check(B, T, fits_naive):
-    """Raise if parallax_attn disagrees with the naive implementation (or the reference)."""
+def check(B, T, impls):
+    """Raise if a Parallax implementation disagrees with the naive one (or, where
+    naive is not run, parallax_attn's last rows with the reference)."""
     q, r, k, v = make_inputs(B, T, seed=1)
     do = torch.randn(B, T, HEADS, HEAD_DIM)
-    out, leaves = run("parallax", q, r, k, v)
-    grads = torch.autograd.grad(out, leaves, do)
     names = ("o", "dq", "dr", "dk", "dv")
-    if fits_naive:
-        ref, _ = run("naive", q, r, k, v)
-        pairs = zip(names, (out, *grads), (ref, *torch.autograd.grad(ref, leaves, do)))
-    else:  # causal is end-aligned: the last rows alone against all keys are exact
+    if "naive" not in impls:  # causal is end-aligned: the last rows alone against all keys are exact
+        out, leaves = run("parallax", q, r, k, v)
+        grads = torch.autograd.grad(out, leaves, do)
         rows = slice(T - 64, T)
         with torch.no_grad():
-            pairs = [("o", out[:, rows], parallax_reference(q[:, rows], r[:, rows], k, v))]
+            pairs = [("parallax", "o", out[:, rows], parallax_reference(q[:, rows], r[:, rows], k, v))]
         if not all(torch.isfinite(g).all() for g in grads):
             raise AssertionError(f"T={T}: parallax gradients are not finite")
-    for name, got, exp in pairs:
+    else:
+        ref, leaves = run("naive", q, r, k, v)
+        expected = (ref, *torch.autograd.grad(ref, leaves, do))
+        pairs = []
+        for impl in ("parallax", "jvp"):
+            if impl in impls:
+                out, _ = run(impl, q, r, k, v)
+                pairs += zip([impl] * 5, names, (out, *torch.autograd.grad(out, leaves, do)), expected)
+    for impl, name, got, exp in pairs:
         err = (got - exp).abs().max().item() / max(1.0, exp.abs().max().item())
         if err > 1e-4:
-            raise AssertionError(f"T={T}: parallax {name} differs from the check by {err:.2e} (relative)")
+            raise AssertionError(f"T={T}: {impl} {name} differs from the check by {err:.2e} (relative)")
 
 
 def time_case(B, T, impls, repeats):
@@ -153,6 +174,7 @@ def load():
 
 
 def markdown(rows, args, load_before, load_after):
+    shown = IMPLS[:3 + args.jvp]
     lines = [
         "# The torch path on CPU: parallax_attn vs SDPA vs naive dense",
         "",
@@ -163,22 +185,22 @@ def markdown(rows, args, load_before, load_after):
         f"float32, causal, B * T = {args.tokens}, H = {HEADS}, D = {HEAD_DIM}; {args.repeats} interleaved "
         "repeats after one warm-up, medians; forward under autograd (as in training). Peak: RSS high-water "
         "mark of one forward+backward in a fresh process, above the inputs. `-`: naive not run (its "
-        f"[B, H, T, T] tensors exceed {args.naive_max_gb} GB).",
+        f"[B, H, T, T] tensors exceed {args.naive_max_gb} GB)."
+        + (" jvp: o = A(q) - dA(q)[r / scale] with torch.func.jvp through SDPA's math backend." if args.jvp else ""),
         "",
-        "| T | B | parallax fwd ms | SDPA fwd ms | naive fwd ms | parallax fwd+bwd ms | SDPA fwd+bwd ms "
-        "| naive fwd+bwd ms | fwd+bwd / SDPA | fwd+bwd / naive | peak MB parallax / SDPA / naive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| T | B | " + " | ".join(f"{i} fwd ms" for i in shown) + " | " + " | ".join(f"{i} fwd+bwd ms" for i in shown)
+        + " | parallax / SDPA fwd+bwd | parallax / naive fwd+bwd | peak MB " + " / ".join(shown) + " |",
+        "|---|---|" + "---|" * (2 * len(shown) + 3),
     ]
     for T, B, times, peaks in rows:
-        def cell(impl, which):
+        def ms(impl, which):
             return f"{times[impl][which]:.1f}" if impl in times else "-"
 
         vs_naive = f"{times['parallax'][1] / times['naive'][1]:.2f}x" if "naive" in times else "-"
-        peak = " / ".join(f"{peaks[i]:.0f}" if i in peaks else "-" for i in IMPLS)
         lines.append(
-            f"| {T} | {B} | {cell('parallax', 0)} | {cell('sdpa', 0)} | {cell('naive', 0)} | {cell('parallax', 1)} "
-            f"| {cell('sdpa', 1)} | {cell('naive', 1)} | {times['parallax'][1] / times['sdpa'][1]:.2f}x | {vs_naive} "
-            f"| {peak} |"
+            f"| {T} | {B} | " + " | ".join(ms(i, 0) for i in shown) + " | " + " | ".join(ms(i, 1) for i in shown)
+            + f" | {times['parallax'][1] / times['sdpa'][1]:.2f}x | {vs_naive} | "
+            + " / ".join(f"{peaks[i]:.0f}" if i in peaks else "-" for i in shown) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -191,6 +213,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--naive-max-gb", type=float, default=3.0)
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--jvp", action="store_true",
+                        help="also time the identity o = A(q) - dA(q)[r / scale] through SDPA's jvp (where naive fits)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "torch_path_cpu.md")
     parser.add_argument("--peak-of", nargs=3, metavar=("IMPL", "B", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,8 +237,8 @@ def main():
     for T in seq_lens:
         B = args.tokens // T
         fits_naive = naive_bytes(B, T) <= args.naive_max_gb * 2**30
-        impls = IMPLS if fits_naive else IMPLS[:2]
-        check(B, T, fits_naive)
+        impls = IMPLS[:3 + args.jvp] if fits_naive else IMPLS[:2]
+        check(B, T, impls)
         times = time_case(B, T, impls, args.repeats)
         peaks = {} if args.no_peak else {i: peak_mb(i, B, T, args.threads) for i in impls}
         rows.append((T, B, times, peaks))

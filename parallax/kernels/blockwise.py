@@ -1,13 +1,13 @@
 """The torch path: exact Parallax attention in blocks of query rows, any device.
 
 Each block of query rows is scored against only the keys its mask can reach
-(dense.py does the block's math), so causal or windowed inputs skip the keys
-nobody in the block sees. Short sequences are one block: a dense computation
-whose score matrices the forward keeps for the backward. When the kept scores
-would exceed KEPT_SCORE_BYTES, the forward keeps nothing of size [T, S] and
-the backward recomputes each block's scores, so memory stays
-O(block * S) instead of O(T * S). Either way the backward is the closed form of
-docs/parallax-math.md: exact, float64 included.
+(dense.py does a block's math with batched matmuls), so causal or windowed
+inputs skip the keys nobody in the block sees. When the score matrices of all
+blocks fit KEPT_SCORE_BYTES (the training shapes), the forward keeps them and
+the backward reuses them: a dense computation. Beyond that the forward keeps
+only two numbers per row and the backward recomputes each block's scores, so
+memory stays O(block * S) instead of O(T * S). Either way the backward is the
+closed form of docs/parallax-math.md: exact, float64 included.
 
 GQA is handled by viewing the HQ query heads as [HK, G] so keys are never
 repeated. `r=None` computes plain softmax attention at softmax cost.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .dense import BlockState, RowStats, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
+from .dense import BlockState, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
 
 # Rows per block: as many as fill SCORE_BLOCK_ELEMENTS elements of a
 # [B * HQ, rows, keys] score matrix (a few MB, near the L2 cache, and causal
@@ -34,7 +34,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def parallax_weights(q, r, k, visible, scale):
-    """Softmax weights p, probe scores s2 and their mean sbar.
+    """Softmax weights p, probe scores s2 and their mean sbar (the decode path's torch fallback).
 
     q, r: [B, Tq, HK, G, D]; k: [B, Sk, HK, D]; visible: bool, broadcastable
     to [B, HK, G, Tq, Sk]. Returns tensors of that shape (sbar: [..., Tq, 1]);
@@ -102,14 +102,14 @@ class _BlockwiseParallax(torch.autograd.Function):
         out = torch.empty_like(q)
         out_heads = heads_view(out, HK)
         out_heads[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
-        kept = []  # per block: p and w when kept, else its RowStats
+        kept = []  # per block: p and w, or only 1 + sbar
         for rows, keys in blocks:
             sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
             mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, q.device)
-            state, stats, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl],
-                                            vh[:, kl], mask)
+            state, one_sbar, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl],
+                                               vh[:, kl], mask)
             out_heads[:, :, :, sl] = o.unflatten(0, (B, HK))
-            kept += state if keep else stats
+            kept += state if keep else (one_sbar,)
         ctx.save_for_backward(qs, rh, kh, vh, out, *kept)
         ctx.keep = keep
         ctx.args = (scale, causal, window_size, blocks)
@@ -123,7 +123,10 @@ class _BlockwiseParallax(torch.autograd.Function):
         S, HK = kh.shape[1], kh.shape[0] // B
         dtype = qs.dtype
         do = to_heads(grad_out, HK, dtype)
-        d = None if rh is None else (do * to_heads(out, HK, dtype)).sum(-1, keepdim=True)  # D_i = <dO_i, o_i>
+        d = None
+        if rh is not None:  # D_i = <dO_i, o_i>, [B, T, HQ] -> [B * HK, G, T, 1]
+            d = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)
+            d = to_heads(d, HK, dtype)
         dq = torch.empty_like(grad_out)
         dr = None if rh is None else torch.empty_like(grad_out)
         row_grads = [heads_view(x, HK) for x in (dq, dr) if x is not None]
@@ -138,7 +141,7 @@ class _BlockwiseParallax(torch.autograd.Function):
                 state = BlockState(*kept[2 * i:2 * i + 2])
             else:
                 mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, qs.device)
-                state = block_recompute(qc, rc, kc, mask, RowStats(*kept[2 * i:2 * i + 2]))
+                state = block_recompute(qc, rc, kc, mask, kept[i])
             gq, gr, gk, gv = block_backward(state, do[:, :, sl], None if d is None else d[:, :, sl],
                                             qc, rc, kc, vc, scale)
             for x, g in zip(row_grads, (gq, gr)):

@@ -6,9 +6,9 @@ and G query heads per KV head, so grouped-query attention multiplies the G * R
 query rows of a group against its keys in one matmul, keys never repeated.
 
 Matrix products dominate, then passes over [R, K] tensors (and, on CPU, the
-first touch of fresh memory), so a block makes two [R, K] tensors in its
-forward and turns them in place into the two it keeps: p and the Parallax
-weights w = p (1 + sbar - s2).
+first touch of fresh memory), so a block's forward makes three [R, K]
+tensors, two of which it keeps, p and the Parallax weights
+w = p (1 + sbar - s2), the second made in place of s2.
 
     s1 = (scale q) k^T + mask bias (0 / -inf),  p = softmax(s1)
     s2 = r k^T,  P2 = p s2,  sbar = rowsum(P2),  w = p (1 + sbar) - P2,  o = w v
@@ -97,14 +97,6 @@ class BlockState(NamedTuple):
     w: torch.Tensor
 
 
-class RowStats(NamedTuple):
-    """Per-row statistics [N, G * R, 1] from which `block_recompute` rebuilds a
-    BlockState in fewer passes: log-sum-exp of s1 and 1 + sbar (None without r)."""
-
-    lse: torch.Tensor
-    one_sbar: torch.Tensor | None
-
-
 def _scores(x, k, mask: list[MaskBand]):
     """x k^T [N, G * R, K] for rows x [N, G, R, D], plus the mask bias."""
     N, G, R, D = x.shape
@@ -114,32 +106,36 @@ def _scores(x, k, mask: list[MaskBand]):
     return s
 
 
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    # torch.softmax, not exp_ in place: exp_ runs 5x slower on -inf (the mask)
+    # and 40x slower on inputs below -87 (float32 underflow); softmax does not.
+    return torch.softmax(s, dim=-1)
+
+
 def block_forward(qs, r, k, v, mask: list[MaskBand]):
     """Forward of query rows qs = scale * q and r [N, G, R, D] (r may be None)
     against keys k, v [N, K, D]; every row must see a key.
 
-    Returns the BlockState, its RowStats and o [N, G, R, D].
+    Returns the BlockState, 1 + sbar [N, G * R, 1] (None without r; it lets
+    `block_recompute` rebuild w in two passes) and o [N, G, R, D].
     """
     N, G, R, D = qs.shape
-    p = w = _scores(qs, k, mask)
-    row_max = p.amax(-1, keepdim=True)
-    row_sum = p.sub_(row_max).exp_().sum(-1, keepdim=True)
-    p.mul_(row_sum.reciprocal())  # softmax in place: a fresh tensor would cost its page faults
+    p = w = _softmax(_scores(qs, k, mask))
     one_sbar = None
     if r is not None:
         p2 = _scores(r, k, []).mul_(p)
         one_sbar = p2.sum(-1, keepdim=True).add_(1.0)
         w = p2.neg_().addcmul_(p, one_sbar)  # p (1 + sbar) - p s2
     o = torch.matmul(w, v).view(N, G, R, D)
-    return BlockState(p, w), RowStats(row_sum.log_().add_(row_max), one_sbar), o
+    return BlockState(p, w), one_sbar, o
 
 
-def block_recompute(qs, r, k, mask: list[MaskBand], stats: RowStats) -> BlockState:
-    """The BlockState of `block_forward` again, from its RowStats."""
-    p = w = _scores(qs, k, mask).sub_(stats.lse).exp_()
+def block_recompute(qs, r, k, mask: list[MaskBand], one_sbar) -> BlockState:
+    """The BlockState of `block_forward` again, given its 1 + sbar."""
+    p = w = _softmax(_scores(qs, k, mask))
     if r is not None:
         s2 = _scores(r, k, [])
-        w = torch.sub(stats.one_sbar, s2, out=s2).mul_(p)  # p (1 + sbar - s2)
+        w = torch.sub(one_sbar, s2, out=s2).mul_(p)  # p (1 + sbar - s2)
     return BlockState(p, w)
 
 
