@@ -1,10 +1,13 @@
-"""The torch path: exact Parallax attention in query chunks, for any device.
+"""The torch path: exact Parallax attention in blocks of query rows, any device.
 
-Each chunk of query rows is scored against only the keys its mask can reach,
-so memory stays O(chunk * S) instead of O(T * S), and causal or windowed
-inputs skip the keys nobody in the chunk sees. The backward recomputes each
-chunk's weights and applies the closed-form gradient of
-docs/parallax-math.md, so it is exact and needs no saved [T, S] state.
+Each block of query rows is scored against only the keys its mask can reach
+(dense.py does a block's math with batched matmuls), so causal or windowed
+inputs skip the keys nobody in the block sees. When the score matrices of all
+blocks fit KEPT_SCORE_BYTES (the training shapes), the forward keeps them and
+the backward reuses them: a dense computation. Beyond that the forward keeps
+only two numbers per row and the backward recomputes each block's scores, so
+memory stays O(block * S) instead of O(T * S). Either way the backward is the
+closed form of docs/parallax-math.md: exact, float64 included.
 
 GQA is handled by viewing the HQ query heads as [HK, G] so keys are never
 repeated. `r=None` computes plain softmax attention at softmax cost.
@@ -13,28 +16,25 @@ from __future__ import annotations
 
 import torch
 
-from .reference import keys_visible
+from .dense import BlockState, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
 
-# Elements of one [B, HK, G, rows, keys] score block; about 16 MB in float32.
-# The backward keeps roughly eight such blocks alive at once.
-SCORE_BLOCK_ELEMENTS = 1 << 22
+# Rows per block: as many as fill SCORE_BLOCK_ELEMENTS elements of a
+# [B * HQ, rows, keys] score matrix (a few MB, near the L2 cache, and causal
+# blocks skip the keys above their diagonal), but at least MIN_BLOCK_ROWS so
+# long sequences do not drown in per-block overhead (about fifty small ops).
+SCORE_BLOCK_ELEMENTS = 1 << 19
+MIN_BLOCK_ROWS = 64
+# Bytes of score matrices (p and w, two per block) the forward may keep for the
+# backward; beyond that it keeps none and the backward recomputes them.
+KEPT_SCORE_BYTES = 64 << 20
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunks(T: int, S: int, rows: int, causal: bool, window_size: int | None):
-    """Yield (t0, t1, lo, hi): query rows [t0, t1) see at most keys [lo, hi)."""
-    for t0 in range(0, T, rows):
-        t1 = min(T, t0 + rows)
-        hi = min(S, t1 + S - T) if causal else S
-        lo = max(0, t0 + S - T - window_size + 1) if window_size is not None else 0
-        yield t0, t1, lo, hi
-
-
 def parallax_weights(q, r, k, visible, scale):
-    """Softmax weights p, probe scores s2 and their mean sbar.
+    """Softmax weights p, probe scores s2 and their mean sbar (the decode path's torch fallback).
 
     q, r: [B, Tq, HK, G, D]; k: [B, Sk, HK, D]; visible: bool, broadcastable
     to [B, HK, G, Tq, Sk]. Returns tensors of that shape (sbar: [..., Tq, 1]);
@@ -51,11 +51,42 @@ def parallax_weights(q, r, k, visible, scale):
     return p, s2, sbar
 
 
-def _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, device):
-    """Mask [t1 - t0, hi - lo] of query rows [t0, t1) against keys [lo, hi)."""
-    query_pos = torch.arange(t0, t1, device=device)[:, None] + (S - T)
-    key_pos = torch.arange(lo, hi, device=device)[None, :]
-    return keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
+def row_blocks(T: int, S: int, rows: int, causal: bool, window_size: int | None):
+    """(row range, key range) pairs: query rows [t0, t1) see at most keys [lo, hi).
+
+    Causal rows before T - S see no key; they are left out (their output is 0).
+    """
+    first = max(0, T - S) if causal else 0
+    for t0 in range(first, T if S else first, rows):
+        t1 = min(T, t0 + rows)
+        hi = min(S, t1 + S - T) if causal else S
+        lo = max(0, t0 + S - T - window_size + 1) if window_size is not None else 0
+        yield range(t0, t1), range(lo, hi)
+
+
+def plan(B: int, T: int, S: int, HQ: int, causal: bool, window_size: int | None, itemsize: int):
+    """Row blocks and whether the forward keeps their scores for the backward."""
+    rows = max(MIN_BLOCK_ROWS, SCORE_BLOCK_ELEMENTS // max(1, B * HQ * S))
+    blocks = list(row_blocks(T, S, rows, causal, window_size))
+    kept = sum(2 * B * HQ * len(t) * len(s) * itemsize for t, s in blocks)
+    return blocks, kept <= KEPT_SCORE_BYTES
+
+
+def _add_keys(total, part, keys: range, S: int):
+    """Accumulate a block's dk or dv [N, len(keys), D] into total [N, S, D] (None: not started)."""
+    if total is None and len(keys) == S:
+        return part
+    if total is None:
+        total = part.new_zeros(part.shape[0], S, part.shape[2])
+    total[:, keys.start:keys.stop] += part
+    return total
+
+
+def _kv_layout(x, B: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B * HK, S, D] -> a new [B, S, HK, D] in `dtype`."""
+    N, S, D = x.shape
+    out = torch.empty(B, S, N // B, D, dtype=dtype, device=x.device)
+    return out.copy_(x.view(B, N // B, S, D).transpose(1, 2))
 
 
 class _BlockwiseParallax(torch.autograd.Function):
@@ -64,62 +95,62 @@ class _BlockwiseParallax(torch.autograd.Function):
         B, T, HQ, D = q.shape
         S, HK = k.shape[1], k.shape[2]
         dtype = compute_dtype(q)
-        qg, rg = (None if x is None else x.to(dtype).view(B, T, HK, HQ // HK, D) for x in (q, r))
-        kf, vf = k.to(dtype), v.to(dtype)
-        out = torch.zeros(B, T, HK, HQ // HK, D, dtype=dtype, device=q.device)
-        rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * HQ * S))
-        for t0, t1, lo, hi in _chunks(T, S, rows, causal, window_size):
-            if hi <= lo:
-                continue  # no key visible: these rows stay 0
-            rc = None if rg is None else rg[:, t0:t1]
-            visible = _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, q.device)
-            p, s2, sbar = parallax_weights(qg[:, t0:t1], rc, kf[:, lo:hi], visible, scale)
-            w = p if s2 is None else p * (1.0 + sbar - s2)
-            out[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", w, vf[:, lo:hi])
-        ctx.save_for_backward(q, r, k, v)
-        ctx.args = (scale, causal, window_size)
-        return out.view(B, T, HQ, D).to(q.dtype)
+        qs = to_heads(q, HK, dtype, scale)  # q only ever enters as scale * q
+        rh = None if r is None else to_heads(r, HK, dtype)
+        kh, vh = (to_heads(x, HK, dtype)[:, 0] for x in (k, v))  # [B * HK, S, D]
+        blocks, keep = plan(B, T, S, HQ, causal, window_size, qs.element_size())
+        out = torch.empty_like(q)
+        out_heads = heads_view(out, HK)
+        out_heads[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
+        kept = []  # per block: p and w, or only 1 + sbar
+        for rows, keys in blocks:
+            sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
+            mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, q.device)
+            state, one_sbar, o = block_forward(qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl],
+                                               vh[:, kl], mask)
+            out_heads[:, :, :, sl] = o.unflatten(0, (B, HK))
+            kept += state if keep else (one_sbar,)
+        ctx.save_for_backward(qs, rh, kh, vh, out, *kept)
+        ctx.keep = keep
+        ctx.args = (scale, causal, window_size, blocks)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, r, k, v = ctx.saved_tensors
-        scale, causal, window_size = ctx.args
-        B, T, HQ, D = q.shape
-        S, HK = k.shape[1], k.shape[2]
-        G = HQ // HK
-        dtype = compute_dtype(q)
-        qg, rg, dog = (None if x is None else x.to(dtype).view(B, T, HK, G, D) for x in (q, r, grad_out))
-        kf, vf = k.to(dtype), v.to(dtype)
-        dq = torch.zeros_like(qg)
-        dr = None if rg is None else torch.zeros_like(rg)
-        dk = torch.zeros_like(kf)
-        dv = torch.zeros_like(vf)
-        rows = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * HQ * S))
-        for t0, t1, lo, hi in _chunks(T, S, rows, causal, window_size):
-            if hi <= lo:
-                continue
-            qc, do, kc, vc = qg[:, t0:t1], dog[:, t0:t1], kf[:, lo:hi], vf[:, lo:hi]
-            rc = None if rg is None else rg[:, t0:t1]
-            visible = _chunk_visible(t0, t1, lo, hi, T, S, causal, window_size, q.device)
-            p, s2, sbar = parallax_weights(qc, rc, kc, visible, scale)
-            g = torch.einsum("btkgd,bskd->bkgts", do, vc)  # g_ij = <dO_i, v_j>
-            mu = torch.einsum("bkgts,bskd->btkgd", p, vc)
-            E = (do * mu).sum(-1).permute(0, 2, 3, 1).unsqueeze(-1)  # <dO_i, mu_i>
-            if rc is None:
-                w, ds1 = p, p * (g - E)
+        qs, rh, kh, vh, out, *kept = ctx.saved_tensors
+        scale, causal, window_size, blocks = ctx.args
+        B, T, HQ, D = grad_out.shape
+        S, HK = kh.shape[1], kh.shape[0] // B
+        dtype = qs.dtype
+        do = to_heads(grad_out, HK, dtype)
+        d = None
+        if rh is not None:  # D_i = <dO_i, o_i>, [B, T, HQ] -> [B * HK, G, T, 1]
+            d = (grad_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)
+            d = to_heads(d, HK, dtype)
+        dq = torch.empty_like(grad_out)
+        dr = None if rh is None else torch.empty_like(grad_out)
+        row_grads = [heads_view(x, HK) for x in (dq, dr) if x is not None]
+        for x in row_grads:
+            x[:, :, :, :blocks[0][0].start if blocks else T].zero_()  # rows that see no key
+        dk = dv = None
+        for i in reversed(range(len(blocks))):  # the last block sees the most keys: it starts dk, dv
+            rows, keys = blocks[i]
+            sl, kl = slice(rows.start, rows.stop), slice(keys.start, keys.stop)
+            qc, rc, kc, vc = qs[:, :, sl], None if rh is None else rh[:, :, sl], kh[:, kl], vh[:, kl]
+            if ctx.keep:
+                state = BlockState(*kept[2 * i:2 * i + 2])
             else:
-                w = p * (1.0 + sbar - s2)
-                o = torch.einsum("bkgts,bskd->btkgd", w, vc)
-                Dr = (do * o).sum(-1).permute(0, 2, 3, 1).unsqueeze(-1)  # <dO_i, o_i>
-                ds2 = -p * (g - E)
-                ds1 = p * ((g - E) * (1.0 + sbar - s2) + (E - Dr))
-                dr[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", ds2, kc)
-                dk[:, lo:hi] += torch.einsum("bkgts,btkgd->bskd", ds2, rc)
-            dq[:, t0:t1] = scale * torch.einsum("bkgts,bskd->btkgd", ds1, kc)
-            dk[:, lo:hi] += scale * torch.einsum("bkgts,btkgd->bskd", ds1, qc)
-            dv[:, lo:hi] += torch.einsum("bkgts,btkgd->bskd", w, do)
-        dr = None if dr is None else dr.view(B, T, HQ, D).to(r.dtype)
-        return dq.view(B, T, HQ, D).to(q.dtype), dr, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                mask = mask_bias(rows, keys, S - T, causal, window_size, dtype, qs.device)
+                state = block_recompute(qc, rc, kc, mask, kept[i])
+            gq, gr, gk, gv = block_backward(state, do[:, :, sl], None if d is None else d[:, :, sl],
+                                            qc, rc, kc, vc, scale)
+            for x, g in zip(row_grads, (gq, gr)):
+                x[:, :, :, sl] = g.unflatten(0, (B, HK))
+            dk, dv = _add_keys(dk, gk, keys, S), _add_keys(dv, gv, keys, S)
+        if dk is None:  # no row sees a key
+            dk, dv = kh.new_zeros(kh.shape), vh.new_zeros(vh.shape)
+        dk, dv = (_kv_layout(x, B, grad_out.dtype) for x in (dk, dv))
+        return dq, dr, dk, dv, None, None, None
 
 
 def blockwise_attention(q, r, k, v, *, scale: float, causal: bool, window_size: int | None):

@@ -49,3 +49,24 @@ def assert_within_rule(name, err_kernel, err_same_precision, floor):
     PyTorch computation against float64, plus a small floor."""
     bound = 2 * err_same_precision + floor
     assert err_kernel <= bound, f"{name}: error {err_kernel:.3g} exceeds 2 x {err_same_precision:.3g} + {floor:g}"
+
+
+def softmax_attention_f64(q, k, v, *, scale, causal=True, window_size=None):
+    """Plain masked softmax attention in float64 (rows that see no key give 0)."""
+    T, S, G = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    k, v = (x.double().repeat_interleave(G, dim=2) for x in (k, v))
+    keep = mask_f64(T, S, causal, window_size)
+    has_key = keep.any(-1, keepdim=True)
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k) * scale
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(~has_key, 0.0), -1).masked_fill(~keep, 0.0)
+    return torch.einsum("bhts,bshd->bthd", p, v)
+
+
+def parallax_jvp_f64(q, r, k, v, *, scale=None, causal=True, window_size=None):
+    """Parallax attention from the identity o = A(q) - dA(q)[r / scale]: softmax
+    attention minus its forward-mode derivative in q along the probe. Differentiable
+    (reverse over forward), so it checks gradients too."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    attend = lambda x: softmax_attention_f64(x, k, v, scale=scale, causal=causal, window_size=window_size)  # noqa: E731
+    a, da = torch.func.jvp(attend, (q.double(),), (r.double() / scale,))
+    return a - da

@@ -9,7 +9,7 @@ import torch
 from parallax import parallax_attn, parallax_reference, softmax_attention
 from parallax.kernels import blockwise
 
-from .oracle import assert_within_rule, max_err, parallax_f64
+from .oracle import assert_within_rule, max_err, parallax_f64, parallax_jvp_f64
 from .test_reference import CASES, make_inputs
 
 
@@ -19,11 +19,23 @@ def grads(fn, inputs, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out)
 
 
+def block_rows(monkeypatch, rows):
+    """Make the torch path cut queries into blocks of `rows` rows."""
+    monkeypatch.setattr(blockwise, "SCORE_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(blockwise, "MIN_BLOCK_ROWS", rows)
+
+
+@pytest.fixture(params=["kept", "recomputed"])
+def score_state(request, monkeypatch):
+    """Run a test with the forward keeping its scores for the backward, or not."""
+    monkeypatch.setattr(blockwise, "KEPT_SCORE_BYTES", 1 << 40 if request.param == "kept" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_forward_backward_match_float64(case, monkeypatch):
+def test_torch_path_forward_backward_match_float64(case, score_state, monkeypatch):
     B, T, S, HQ, HK, D, causal, window = CASES[case]
-    # Tiny score blocks force several chunks, exercising the chunk bounds.
-    monkeypatch.setattr(blockwise, "SCORE_BLOCK_ELEMENTS", 3 * B * HQ * S)
+    block_rows(monkeypatch, 3)  # several blocks, exercising the block bounds
     x64 = make_inputs(B, T, S, HQ, HK, D)
     x32 = [x.float() for x in x64]
     do = torch.randn(B, T, HQ, D, dtype=torch.float64)
@@ -39,10 +51,43 @@ def test_torch_path_forward_backward_match_float64(case, monkeypatch):
         assert_within_rule(f"d{name}", max_err(g, g64), max_err(g32, g64), 1e-5)
 
 
-def test_torch_path_float64_is_exact_and_passes_gradcheck():
+def test_torch_path_float64_is_exact_and_passes_gradcheck(score_state, monkeypatch):
+    block_rows(monkeypatch, 2)
     q, r, k, v = (x.requires_grad_(True) for x in make_inputs(1, 6, 8, 4, 2, 4))
     for kw in (dict(), dict(window_size=3), dict(causal=False)):
         assert torch.autograd.gradcheck(lambda *a: parallax_attn(*a, backend="torch", **kw), (q, r, k, v))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torch_path_equals_softmax_attention_minus_its_derivative_along_the_probe(case):
+    """o = A(q) - dA(q)[r / scale], A = masked softmax attention: an oracle that
+    shares no code with the Parallax formula, gradients included."""
+    B, T, S, HQ, HK, D, causal, window = CASES[case]
+    x = make_inputs(B, T, S, HQ, HK, D)
+    do = torch.randn(B, T, HQ, D, dtype=torch.float64)
+    kw = dict(scale=0.4, causal=causal, window_size=window)
+    out, got = grads(lambda *a: parallax_attn(*a, backend="torch", **kw), x, do)
+    ref, expected = grads(lambda *a: parallax_jvp_f64(*a, **kw), x, do)
+    assert max_err(out, ref) < 1e-12
+    for g, e in zip(got, expected):
+        assert max_err(g, e) < 1e-12
+
+
+def test_kept_scores_survive_a_second_backward():
+    """The backward must not overwrite scores the graph still holds (retain_graph)."""
+    q, r, k, v = (x.float().requires_grad_(True) for x in make_inputs(2, 16, 16, 4, 2, 8))
+    out = parallax_attn(q, r, k, v, backend="torch")
+    first = torch.autograd.grad(out, (q, r, k, v), torch.ones_like(out), retain_graph=True)
+    second = torch.autograd.grad(out, (q, r, k, v), torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_inputs_are_not_modified():
+    """One head of one sequence makes the head-major layout a view of the input."""
+    x = [t.requires_grad_(True) for t in make_inputs(1, 5, 5, 1, 1, 8)]
+    before = [t.detach().clone() for t in x]
+    parallax_attn(*x, backend="torch").sum().backward()
+    assert all(torch.equal(t, b) for t, b in zip(x, before))
 
 
 def test_varlen_matches_separate_sequences():
