@@ -121,6 +121,8 @@ RULES = [
     Rule("python benchmarks/bench_decode.py", needs_cuda=True),
     # The full sweep is ~15 CPU-minutes; docs commands run the CI subset (tests/kernels/test_aot.py checks its rows).
     Rule("python -m parallax.kernels.aot", append=("--subset", "ci")),
+    Rule("python -m benchmarks.bench_torch_path",
+         append=("--seq-lens", "128", "--tokens", "256", "--repeats", "1", "--no-peak", "--out", "torch_path.md")),
     Rule("python -m parallax.hf.export runs/default", setup=from_run("python train.py", "runs/default")),
 ]
 
