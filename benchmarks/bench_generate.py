@@ -17,7 +17,7 @@ it; a fresh model's probe is zero and would make Parallax softmax). Before
 timing, each model's cached decode step is checked against a full forward
 pass, and zeroing the Parallax model's probe must move its logits ten times
 more than that check's error.
-Writes benchmarks/results/generate_<device>.md.
+Writes benchmarks/results/generate_<device>.md (or --out).
 """
 from __future__ import annotations
 
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="skip cells with B * prompt above this (default: 16384 on CPU, none on CUDA)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/generate_<device>.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -234,7 +235,7 @@ def main() -> None:
             lines.append(f"| {B} | {T} | " + " | ".join(cells) + f" | {ratio:.2f} |")
             print(lines[-1], flush=True)
     lines += ["", *[f"- {line}" for line in skipped]] if skipped else []
-    path = save(results_path("generate", device), lines)
+    path = save(args.out or results_path("generate", device), lines)
     print(f"saved {path}")
 
 

@@ -123,6 +123,9 @@ RULES = [
     Rule("python -m parallax.kernels.aot", append=("--subset", "ci")),
     Rule("python -m benchmarks.bench_torch_path",
          append=("--seq-lens", "128", "--tokens", "256", "--repeats", "1", "--no-peak", "--out", "torch_path.md")),
+    Rule("python -m benchmarks.bench_generate",
+         append=("--device", "cpu", "--new-tokens", "2", "--repeats", "1", "--prompts", "8", "--batches", "1",
+                 "--out", "generate.md")),
     Rule("python -m parallax.hf.export runs/default", setup=from_run("python train.py", "runs/default")),
 ]
 
