@@ -144,12 +144,14 @@ def test_dtypes_in_and_out(dtype):
 
 
 def test_long_sequence_stays_within_memory():
-    """T=8192, 2 heads of D=64, forward and backward: peak RSS stays a few hundred MB."""
+    """T=8192, 4 heads of D=32, forward and backward: the scores are recomputed
+    and peak RSS stays near one block's temporaries. Walking the blocks smallest
+    first instead grew glibc's heap to 380-530 MB here."""
     code = textwrap.dedent("""
         import resource, torch
         from parallax import parallax_attn
         torch.manual_seed(0)
-        q, r, k, v = (torch.randn(1, 8192, 2, 64, requires_grad=True) for _ in range(4))
+        q, r, k, v = (torch.randn(1, 8192, 4, 32, requires_grad=True) for _ in range(4))
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = parallax_attn(q, r, k, v)
         out.sum().backward()
@@ -159,5 +161,5 @@ def test_long_sequence_stays_within_memory():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     peak_mb = int(done.stdout.split()[-1])
-    dense_mb = 2 * 8192 * 8192 * 4 // 2**20  # one float32 [H, T, T] score matrix
-    assert peak_mb < 400 < dense_mb, f"peak {peak_mb} MB"
+    dense_mb = 4 * 8192 * 8192 * 4 // 2**20  # one float32 [H, T, T] score matrix
+    assert peak_mb < 200 < dense_mb, f"peak {peak_mb} MB"
