@@ -55,11 +55,11 @@ def training_scenarios(archs, dtypes, head_dims, kinds, flag_sweep=True):
     """Every kept config at the heaviest flags (all masks, varlen, GQA), for
     every arch, dtype and head dim (float32 where it goes to Triton); and, at sm_90 bf16 D=128 (when selected),
     every combination of the flags that change code."""
-    from .resources import FLOAT32_MAX_HEAD_DIM
+    from .resources import wide_float32
 
     out = []
     for kind, arch, dtype, d in itertools.product(kinds, archs, dtypes, head_dims):
-        if kind in TRAINING_KINDS and (dtype != "float32" or d <= FLOAT32_MAX_HEAD_DIM):
+        if kind in TRAINING_KINDS and not wide_float32(dtype, d):
             out.append(Scenario(kind, arch, dtype, d, **HEAVIEST))
     if flag_sweep and 90 in archs and "bfloat16" in dtypes and 128 in head_dims:
         for kind in (k for k in kinds if k in TRAINING_KINDS):

@@ -65,10 +65,12 @@ def _training_call(s: Scenario):
 
 
 def decode_supported(dtype: str, head_dim: int) -> bool:
-    """Whether the decode dispatcher sends these inputs to the Triton kernel."""
+    """Whether the decode dispatcher sends these inputs to the Triton kernel by default."""
     from . import decode
+    from .resources import wide_float32
 
-    return getattr(torch, dtype) in decode.TRITON_DTYPES and head_dim in decode.TRITON_HEAD_DIMS
+    return (getattr(torch, dtype) in decode.TRITON_DTYPES and head_dim in decode.TRITON_HEAD_DIMS
+            and not wide_float32(dtype, head_dim))
 
 
 def _decode_call(s: Scenario):

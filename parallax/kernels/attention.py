@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .blockwise import blockwise_attention
 from .checks import check_backend, check_cu_seqlens, check_qkv, check_scale, check_window
-from .resources import FLOAT32_MAX_HEAD_DIM
+from .resources import wide_float32
 
 
 def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
@@ -24,8 +24,7 @@ def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
 def _resolve_backend(backend, q: torch.Tensor) -> str:
     if backend is None:
         # float32 with wide heads has no Triton tiling that fits (docs/kernels.md).
-        wide_float32 = q.dtype == torch.float32 and q.shape[-1] > FLOAT32_MAX_HEAD_DIM
-        return "triton" if q.is_cuda and not wide_float32 else "torch"
+        return "triton" if q.is_cuda and not wide_float32(q.dtype, q.shape[-1]) else "torch"
     return backend
 
 

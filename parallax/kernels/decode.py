@@ -21,6 +21,7 @@ import torch
 from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
 from .checks import check_backend, check_same, check_scale, check_tensor, check_window
 from .reference import keys_visible
+from .resources import wide_float32
 
 
 def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend,
@@ -119,7 +120,8 @@ def _uses_triton(backend, q) -> bool:
         if reason is not None:
             raise reason
         return True
-    return q.is_cuda and reason is None and _triton_installed()
+    # float32 with wide heads spills registers in every tiling (the AOT table).
+    return q.is_cuda and reason is None and not wide_float32(q.dtype, q.shape[-1]) and _triton_installed()
 
 
 def _reads_values(check_values, use_triton, cache_seqlens) -> bool:

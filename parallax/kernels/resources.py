@@ -27,8 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # float32 inputs go to the Triton kernels (by default) up to this head dim:
-# beyond it their FMA products leave no tiling within the registers.
+# beyond it their FMA products leave no tiling within the registers (the
+# training kernels and decode alike; see the AOT table).
 FLOAT32_MAX_HEAD_DIM = 64
+
+
+def wide_float32(dtype, head_dim: int) -> bool:
+    """float32 (a torch dtype or its name) wider than FLOAT32_MAX_HEAD_DIM:
+    the dispatchers send it to the torch path unless told otherwise."""
+    return str(dtype).removeprefix("torch.") == "float32" and head_dim > FLOAT32_MAX_HEAD_DIM
 MAX_REGISTERS = 255            # per thread, what ptxas allocates before spilling
 SPILL_BUDGET = 64              # bytes of spill stores per thread a kept config may have
 REGISTERS_PER_BLOCK = 65536
