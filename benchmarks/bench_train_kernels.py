@@ -6,7 +6,8 @@ Usage (CUDA only, from the repo root):
 bf16, causal, B * T = 16k tokens, 16 query heads, D = 64 and 128, T = 1k to
 16k; rows with 16 KV heads and with 4 (GQA 4:1), and with a window of 1024.
 Each row times the forward and forward + backward, both backwards
-(`deterministic=False`, the fused one, and `deterministic=True`), with
+(`deterministic=True`, the default three-launch one, and `deterministic=False`,
+the fused one), with
 `triton.testing.do_bench` (medians, no per-call host overhead in the timed
 region beyond the launches themselves). Before timing, every implementation is
 checked against the float32 reference on the same inputs, probe non-zero; a
@@ -14,8 +15,8 @@ Parallax mismatch stops the run, a baseline that fails (missing, wrong, or
 raising) gets an empty column and a note instead.
 
 Baselines: FA2 = PyTorch SDPA's flash backend (full causal, no window); FA3
-forward = `flash_attn_interface.flash_attn_func` when importable (the FA3
-wheel); fla = `fla.ops.parallax.parallel_parallax` when importable. TFLOP/s
+forward = `flash_attn_func` from `flash_attn_interface` or the fa3-fwd wheel's
+`fa3_fwd_interface` when importable; fla = `fla.ops.parallax.parallel_parallax` when importable. TFLOP/s
 use the counts of docs/parallax-math.md: per (batch, head), causal, Parallax
 does 4 L^2 D forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window
 W scales the visible pairs from L^2 / 2 to L W - W^2 / 2. Prints markdown and
@@ -85,10 +86,16 @@ def load_fa2():
 
 
 def load_fa3():
-    try:
-        module = importlib.import_module("flash_attn_interface")
-    except ImportError as err:
-        return None, f"FA3 not importable ({err})"
+    errors = []
+    # The full FA3 build ships flash_attn_interface; the forward-only fa3-fwd wheel fa3_fwd_interface.
+    for name in ("flash_attn_interface", "fa3_fwd_interface"):
+        try:
+            module = importlib.import_module(name)
+            break
+        except ImportError as err:
+            errors.append(str(err))
+    else:
+        return None, f"FA3 not importable ({'; '.join(errors)})"
 
     def call(q, r, k, v, window):
         size = (-1, -1) if window is None else (window - 1, 0)
@@ -205,7 +212,7 @@ def benchmark_rows(baselines, seq_lens, notes):
                     if window is not None and window >= L:
                         continue
                     row = dict(D=D, L=L, B=B, HK=HK, window=window)
-                    for deterministic, key in ((False, "fused"), (True, "deterministic")):
+                    for deterministic, key in ((True, "default"), (False, "fused")):
                         # A wrong Parallax result ends the run (ValueError).
                         check(f"parallax {key} D={D} T={L} HK={HK} window={window}", parallax(deterministic),
                               D, L, HK, window, softmax=False)
@@ -239,7 +246,7 @@ def markdown(rows, baseline_names, notes):
 
     gpu = torch.cuda.get_device_name()
     header = ["D", "T", "B", "HK", "window", "fwd ms", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd TFLOP/s",
-              "det. fwd+bwd ms", "det / fused"]
+              "fused fwd+bwd ms", "fused / default"]
     for name in baseline_names:
         header += [f"{name} fwd ms", f"fwd vs {name}", f"{name} fwd+bwd ms", f"fwd+bwd vs {name}"]
     lines = [
@@ -247,7 +254,8 @@ def markdown(rows, baseline_names, notes):
         "",
         f"bf16, causal, B*T = {TOKENS} tokens, {HEADS} query heads, HK KV heads. Times are "
         "`triton.testing.do_bench` medians in ms; TFLOP/s by the math doc's counts; 'x vs y' is Parallax "
-        "time over y's time (fused backward). 'det.' is the three-launch deterministic backward.",
+        "time over y's time (default backward: three launches, deterministic). 'fused' is the one-launch "
+        "backward with float32 atomics (`deterministic=False`).",
         f"torch {torch.__version__}, triton {triton.__version__}.",
         "",
         "| " + " | ".join(header) + " |",
@@ -255,11 +263,11 @@ def markdown(rows, baseline_names, notes):
     ]
     for row in rows:
         D, L, B, window = row["D"], row["L"], row["B"], row["window"]
-        fwd, train = row["fused"]
-        det_train = row["deterministic"][1]
+        fwd, train = row["default"]
+        fused_train = row["fused"][1]
         cells = [str(D), str(L), str(B), str(row["HK"]), str(window or "-"), fmt(fwd),
                  fmt(tflops(4, B, L, D, window, fwd), ".1f"), fmt(train), fmt(tflops(12, B, L, D, window, train), ".1f"),
-                 fmt(det_train), fmt(ratio(det_train, train), ".2f")]
+                 fmt(fused_train), fmt(ratio(fused_train, train), ".2f")]
         for name in baseline_names:
             theirs = row.get(name) or (None, None)
             cells += [fmt(theirs[0]), fmt(ratio(fwd, theirs[0]), ".2f"), fmt(theirs[1]),

@@ -5,6 +5,8 @@
 #     bash benchmarks/gpu.sh 1            # gpu tests, bench_decode, bench_generate
 #     bash benchmarks/gpu.sh 2            # bench_train_kernels, bench_muon, bench_torch_path (if present)
 #     bash benchmarks/gpu.sh              # both parts, one after the other
+#     bash benchmarks/gpu.sh quick        # one short lease: gpu tests (8 processes), bench_decode,
+#                                         # bench_train_kernels --quick, bench_muon --quick
 #     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
 #
 # Baselines (FA3, fla) and pytest come from the wheels in .whl/, downloaded
@@ -24,8 +26,8 @@ PARTS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1 | 2) PARTS+=("$arg") ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2]" >&2; exit 2 ;;
+        1 | 2 | quick) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick]" >&2; exit 2 ;;
     esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
@@ -119,6 +121,12 @@ for part in "${PARTS[@]}"; do
         run_step gpu-tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
         run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
         run_step bench_generate 120 "$PYTHON" -m benchmarks.bench_generate --device cuda
+    elif [ "$part" = quick ]; then
+        # Compiling dominates the tests on a fresh machine: spread them over processes.
+        run_step gpu-tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 --continue-on-collection-errors
+        run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode
+        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
+        run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
     else
         run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
         run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda

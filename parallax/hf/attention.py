@@ -92,7 +92,7 @@ class ParallaxSelfAttention(ParallaxAttention):
         return layer.train(attn.training)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None, **kwargs):
         if attention_mask is not None:
             raise ValueError("Parallax attention takes no attention mask (it is causal, windowed where configured); "
                              f"got a {type(attention_mask).__name__} mask: load the model with "
@@ -106,8 +106,9 @@ class ParallaxSelfAttention(ParallaxAttention):
         half = self.head_dim // 2
         # transformers' rotate-half (cos, sin) repeat the same D/2 angles twice; the layer takes one copy.
         rope = (cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2))
-        cache = None
-        if past_key_values is not None and not self.training:
-            layer = parallax_cache_layer(past_key_values, self.layer_idx)
-            cache = layer.reserve(hidden_states.shape[1], hidden_states, self.num_kv_heads, self.head_dim)
-        return super().forward(hidden_states, cache=cache, rope=rope, backend=self.backend), None
+        hf_cache = cache if past_key_values is None else past_key_values  # `cache` from transformers 5.24 on
+        kv = None
+        if hf_cache is not None and not self.training:
+            layer = parallax_cache_layer(hf_cache, self.layer_idx)
+            kv = layer.reserve(hidden_states.shape[1], hidden_states, self.num_kv_heads, self.head_dim)
+        return super().forward(hidden_states, cache=kv, rope=rope, backend=self.backend), None

@@ -19,6 +19,8 @@ from .attention import unpadded_mask
 from .cache import ParallaxCache, parallax_cache_layer
 
 # GPTConfig's fields, except tie_embeddings, which is transformers' tie_word_embeddings here.
+# The output's cache field: `cache` from transformers 5.24 on, `past_key_values` before.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 GPT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name != "tie_embeddings")
 
 
@@ -87,10 +89,12 @@ class ParallaxForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cache=None, **kwargs) -> CausalLMOutputWithPast:
         if input_ids is None:
             raise ValueError("input_ids are required (ParallaxForCausalLM takes no inputs_embeds)")
         unpadded_mask(*input_ids.shape, input_ids.shape[1], attention_mask=attention_mask)
+        if past_key_values is None:
+            past_key_values = cache  # transformers 5.24 renamed past_key_values to cache
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         caches = None
@@ -109,7 +113,7 @@ class ParallaxForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: past_key_values if use_cache else None})
 
 
 AutoConfig.register(ParallaxConfig.model_type, ParallaxConfig)

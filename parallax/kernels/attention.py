@@ -42,14 +42,14 @@ def _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
     return torch.cat(pieces, dim=1)
 
 
-def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic=False):
+def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic=True):
     from .op import parallax_triton  # lazy: the op's kernels need triton
 
     return parallax_triton(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
 
 
 def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None,
-                  deterministic=False):
+                  deterministic=True):
     """Parallax attention: softmax attention minus the probe covariance.
 
     o_i = sum_j w_ij v_j with p = softmax(scale * q.k), s2 = r.k (unscaled),
@@ -64,10 +64,11 @@ def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_s
         cu_seqlens: int32 [N + 1] offsets of N sequences packed in batch 1
             (T == S); each sequence is masked on its own.
         backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
-        deterministic: Triton backward only. False (default): one fused
-            launch that adds dq, dr with float32 atomics, so their last bits
-            can vary between runs. True: three launches, no atomics, bitwise
-            reproducible, about 11/8 of the backward's matrix products.
+        deterministic: Triton backward only. True (default): three
+            launches, no atomics, bitwise reproducible. False: one fused
+            launch that adds dq, dr with float32 atomics (fewer products,
+            but slower on an H200 and not reproducible in dq, dr's last
+            bits; see docs/kernels.md).
 
     Returns [B, T, HQ, D] in q's dtype; rows that see no key are 0.
     Differentiable in q, r, k and v.

@@ -4,9 +4,10 @@
 gradients of q, r, k, v; both have fake (meta) implementations, and autograd
 links them. Only o is differentiable: lse, sbar and mu are saved state.
 `window` is -1 for no window. `deterministic` only matters to the backward
-(the forward op takes it so autograd can pass it on): False runs the fused
-backward with float32 atomics, True the three-launch one without atomics. Triton is imported on first call, so importing
-this module works where triton is missing.
+(the forward op takes it so autograd can pass it on): True runs the
+three-launch backward without atomics, False the fused one with float32
+atomics. Triton is imported on first call, so importing this module works
+where triton is missing.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 @torch.library.custom_op("parallax::attn_fwd", mutates_args=())
 def attn_fwd(
     q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = False,
+    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_parallel_fwd import parallax_fwd
 
@@ -27,7 +28,7 @@ def attn_fwd(
 
 
 @attn_fwd.register_fake
-def _attn_fwd_fake(q, r, k, v, scale, causal, window, cu_seqlens, deterministic=False):
+def _attn_fwd_fake(q, r, k, v, scale, causal, window, cu_seqlens, deterministic=True):
     B, T, HQ, _ = q.shape
     stats = q.new_empty(B, HQ, T, dtype=torch.float32)
     return torch.empty_like(q), stats, torch.empty_like(stats), torch.empty_like(q)
@@ -37,7 +38,7 @@ def _attn_fwd_fake(q, r, k, v, scale, causal, window, cu_seqlens, deterministic=
 def attn_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o: torch.Tensor, lse: torch.Tensor, sbar: torch.Tensor, mu: torch.Tensor,
-    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = False,
+    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_parallel_bwd import parallax_bwd
 
@@ -46,7 +47,7 @@ def attn_bwd(
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window, cu_seqlens, deterministic=False):
+def _attn_bwd_fake(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window, cu_seqlens, deterministic=True):
     return torch.empty_like(q), torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -69,7 +70,7 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def parallax_triton(q, r, k, v, scale: float, causal: bool, window_size: int | None, cu_seqlens,
-                    deterministic: bool = False):
+                    deterministic: bool = True):
     """Parallax attention through the custom op; r=None gives softmax attention
     (a zero probe, at Parallax cost)."""
     probe = torch.zeros_like(q) if r is None else r

@@ -39,6 +39,16 @@ def wide_float32(dtype, head_dim: int) -> bool:
 MAX_REGISTERS = 255            # per thread, what ptxas allocates before spilling
 SPILL_BUDGET = 64              # bytes of spill stores per thread a kept config may have
 REGISTERS_PER_BLOCK = 65536
+# From this padded head dim up, a dK/dV program accumulates 1/split of the
+# columns (split programs per key tile, each computing the full-width scores):
+# two [BLOCK_N, 256] float32 accumulators leave no tiling within the registers
+# (every candidate spilled 644 B to 40 KB). sm_80's mma.sync also keeps K and
+# V in registers, hence the finer split there; query tiles stay 16 rows.
+COLUMN_SPLIT_HEAD_DIM = 256
+COLUMN_SPLIT = {90: 4, 80: 4}
+# The full-width q, r, dO tiles of a split program's query step pass through
+# registers beside its column tiles (fitted to the AOT table).
+SPLIT_OPERAND_WEIGHT = 0.5
 CONVERSION_BYTES = 16 * 1024   # layout-conversion scratch, upper bound seen in the AOT table
 
 # Per kernel. resident / streamed / accumulators: (row side, count) of
@@ -73,7 +83,7 @@ WEIGHTS = {
     "backward_kv": {"wgmma": (1.2, 0.5, 0.0, 0, 141), "mma": (1.2, 1.0, 1.0, 8, 106),
                     "fma": (1.2, 1.0, 1.0, 0, 156), "fma_sm90": (1.2, 1.0, 1.0, 0, 156)},
     "backward_kv_fused": {"wgmma": (1.2, 0.5, 0.0, 0, 155), "mma": (1.2, 1.0, 1.0, 8, 84),
-                          "fma": (1.2, 1.0, 1.0, 0, 148), "fma_sm90": (1.2, 1.0, 1.0, 8, 120)},
+                          "fma": (1.2, 1.0, 1.0, 0, 148), "fma_sm90": (1.2, 1.0, 1.0, 8, 140)},
     "backward_q": {"wgmma": (1.2, 0.5, 0.0, 0, 90), "mma": (1.2, 1.0, 1.0, 0, 96), "fma": (1.2, 1.0, 1.0, 0, 100),
                    "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
 }
@@ -91,7 +101,7 @@ CANDIDATES = {
     "forward": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2),
                 (32, 16, 4, 1), (16, 32, 4, 1)],
     "backward_kv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1),
-                    (16, 32, 4, 1)],
+                    (16, 32, 4, 1), (16, 16, 4, 1)],
     "backward_q": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1),
                    (32, 16, 8, 1), (16, 32, 4, 1)],
 }
@@ -106,6 +116,13 @@ class Tiling:
 
     def rows(self, side: str) -> int:
         return self.block_m if side == "m" else self.block_n
+
+
+def column_split(kernel: str, arch: int, block_d: int) -> int:
+    """Programs per key tile of the dK/dV kernels (1 for every other kernel)."""
+    if not kernel.startswith("backward_kv") or block_d < COLUMN_SPLIT_HEAD_DIM:
+        return 1
+    return COLUMN_SPLIT[90 if arch >= 90 else 80]
 
 
 def _score_rows(kernel: str, t: Tiling) -> int:
@@ -132,10 +149,14 @@ def shared_bytes(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tilin
     shared memory too."""
     spec = KERNELS[kernel]
     kind = product_kind(kernel, arch, elem_bytes, t)
+    cols = block_d // column_split(kernel, arch, block_d)
     side, count = spec["resident"]
     resident = count * t.rows(side) * block_d * elem_bytes
     side, count = spec["streamed"]
     per_stage = count * t.rows(side) * block_d * elem_bytes
+    if cols < block_d:  # K's columns resident, the streamed tiles' columns loaded again
+        resident += t.block_n * cols * elem_bytes
+        per_stage += count * t.rows(side) * cols * elem_bytes
     total = resident + max(1, t.num_stages) * per_stage
     if spec.get("transposes"):
         # Transposed score tiles for dq, dr; the compiler's staging grows
@@ -166,20 +187,28 @@ def registers(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) 
     spec = KERNELS[kernel]
     accumulator_w, score_w, operand_w, warp_w, fixed = WEIGHTS[kernel][product_kind(kernel, arch, elem_bytes, t)]
     threads = 32 * t.num_warps
+    cols = block_d // column_split(kernel, arch, block_d)
     side, count = spec["accumulators"]
-    need = accumulator_w * count * t.rows(side) * block_d / threads
+    need = accumulator_w * count * t.rows(side) * cols / threads
     warps_on_scores = max(1, min(t.num_warps, _score_rows(kernel, t) // 16))
     need += score_w * spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
     if "products" in spec:
         side, count = spec["products"]
-        need += count * t.rows(side) * block_d / threads
+        need += count * t.rows(side) * cols / threads
     side, count = spec["resident"]
-    need += operand_w * count * t.rows(side) * block_d * elem_bytes / 4 / threads
+    resident = count * t.rows(side) * block_d
+    if cols < block_d:
+        resident += t.block_n * cols
+        side, count = spec["streamed"]
+        need += SPLIT_OPERAND_WEIGHT * count * t.rows(side) * block_d * elem_bytes / 4 / threads
+    need += operand_w * resident * elem_bytes / 4 / threads
     return need + warp_w * t.num_warps + fixed
 
 
 def fits(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling, max_shared: int) -> bool:
     """Launchable (shared memory, registers per block) and within the spill budget."""
+    if column_split(kernel, arch, block_d) > 1 and t.block_m > 16:
+        return False  # measured: 32-row query tiles spill in every split tiling
     if shared_bytes(kernel, arch, elem_bytes, block_d, t) > max_shared:
         return False
     if 32 * t.num_warps * MAX_REGISTERS > REGISTERS_PER_BLOCK:

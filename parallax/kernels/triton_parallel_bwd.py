@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import resources
 from .triton_parallel import (
-    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
+    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, device_limits, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
     query_tile_offsets, store_tile, tile_phases, tile_pointers, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
@@ -55,19 +56,37 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
 
 
 @triton.jit
-def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq,
+def column_offsets(rows, stride, first, cols, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(offsets, mask) of the [BLOCK_ROWS, BLOCK_C] tile at row `first` of a
+    matrix with rows `stride` apart and `cols` valid columns (a runtime count)."""
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    offs_c = tl.arange(0, BLOCK_C)
+    offsets = first.to(tl.int64) * stride + (offs_r[:, None] * stride + offs_c[None, :])
+    return offsets, ((first + offs_r) < rows)[:, None] & (offs_c < cols)[None, :]
+
+
+@triton.jit
+def load_columns(base, rows, stride, first, cols, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask = column_offsets(rows, stride, first, cols, BLOCK_ROWS, BLOCK_C)
+    return tl.load(base + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dq_seq, dr_seq,
                     lse_seq, sbar_seq, delta_seq, dmu_seq,
                     q_stride, first, head_tiles, full_tiles, total, key_pos, T, S, window, scale, qk_scale_log2,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    col0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, D_SPLIT: tl.constexpr):
     """Add the contributions of `total` query tiles from row `first` to dK, dV
     (and, FUSED, atomically to the float32 dQ, dR buffers); tiles outside
     [head_tiles, head_tiles + full_tiles) are masked (one loop, as in the
     forward's `_stream_keys`).
 
     Works on transposed [keys, queries] score tiles so the dK, dV products take
-    their operands as loaded.
+    their operands as loaded. With D_SPLIT > 1 the scores use all columns and
+    dK, dV, dQ, dR only the BLOCK_D / D_SPLIT from `col0` (k_cols: those
+    columns of K).
     """
     offs_m = tl.arange(0, BLOCK_M)
     for step in range(total):
@@ -77,6 +96,13 @@ def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq
         q_tile = load_tile(q_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
         r_tile = load_tile(r_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
         do_tile = load_tile(do_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+        if D_SPLIT == 1:
+            q_cols, r_cols, do_cols = q_tile, r_tile, do_tile
+        else:
+            cols = HEAD_DIM - col0
+            q_cols = load_columns(q_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
+            r_cols = load_columns(r_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
+            do_cols = load_columns(do_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
         lse_log2 = tl.load(lse_seq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
         row_sbar = tl.load(sbar_seq + rows, mask=row_ok, other=0.0)
         row_delta = tl.load(delta_seq + rows, mask=row_ok, other=0.0)
@@ -89,20 +115,24 @@ def _stream_queries(dk, dv, k_tile, v_tile, q_seq, r_seq, do_seq, dq_seq, dr_seq
             p = tl.where(visible(rows[None, :], key_pos[:, None], T, S, window, IS_CAUSAL, HAS_WINDOW), p, 0.0)
         s2 = tl.dot(k_tile, tl.trans(r_tile), input_precision=DOT_PRECISION)
         lever = 1.0 + row_sbar[None, :] - s2  # w = p * lever
-        dv = tl.dot((p * lever).to(do_tile.dtype), do_tile, dv, input_precision=DOT_PRECISION)
+        dv = tl.dot((p * lever).to(do_tile.dtype), do_cols, dv, input_precision=DOT_PRECISION)
         g = tl.dot(v_tile, tl.trans(do_tile), input_precision=DOT_PRECISION)
         centred = g - row_dmu[None, :]
         ds2 = (-p * centred).to(r_tile.dtype)
         ds1 = (p * (centred * lever + (row_dmu - row_delta)[None, :]) * scale).to(q_tile.dtype)
-        dk = tl.dot(ds1, q_tile, dk, input_precision=DOT_PRECISION)
-        dk = tl.dot(ds2, r_tile, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds1, q_cols, dk, input_precision=DOT_PRECISION)
+        dk = tl.dot(ds2, r_cols, dk, input_precision=DOT_PRECISION)
         if FUSED:
             # Relaxed: nothing reads the sums until the launch ends.
-            dq_ptrs, in_bounds = tile_pointers(dq_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-            dq = tl.dot(tl.trans(ds1), k_tile, input_precision=DOT_PRECISION)
+            if D_SPLIT == 1:
+                dq_ptrs, in_bounds = tile_pointers(dq_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+                dr_ptrs, in_bounds = tile_pointers(dr_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
+            else:
+                offsets, in_bounds = column_offsets(T, q_stride, m0, HEAD_DIM - col0, BLOCK_M, BLOCK_D // D_SPLIT)
+                dq_ptrs, dr_ptrs = dq_seq + col0 + offsets, dr_seq + col0 + offsets
+            dq = tl.dot(tl.trans(ds1), k_cols, input_precision=DOT_PRECISION)
             tl.atomic_add(dq_ptrs, dq, mask=in_bounds, sem="relaxed")
-            dr_ptrs, in_bounds = tile_pointers(dr_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-            dr = tl.dot(tl.trans(ds2), k_tile, input_precision=DOT_PRECISION)
+            dr = tl.dot(tl.trans(ds2), k_cols, input_precision=DOT_PRECISION)
             tl.atomic_add(dr_ptrs, dr, mask=in_bounds, sem="relaxed")
     return dk, dv
 
@@ -117,12 +147,15 @@ def _parallax_bwd_dkdv_kernel(
     scale, T, S, HQ, HK, window, num_seqs, steps,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
-    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, D_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_tiles = tl.cdiv(S, BLOCK_N)
     if IS_VARLEN:
         num_tiles += num_seqs
     pid = tl.program_id(0)
+    col0 = (pid % D_SPLIT) * (BLOCK_D // D_SPLIT)  # this program's dK, dV columns
+    pid = pid // D_SPLIT
     tile = pid % num_tiles  # causal: early key tiles see the most queries, start them first
     batch_kv_head = pid // num_tiles
     batch = batch_kv_head // HK
@@ -150,8 +183,14 @@ def _parallax_bwd_dkdv_kernel(
         seen &= n0 + offs_n > seq_len - query_len - window
     k_tile = tl.where(seen[:, None], k_tile, 0.0)
     v_tile = tl.where(seen[:, None], v_tile, 0.0)
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if D_SPLIT == 1:
+        k_cols = k_tile
+    else:
+        k_cols = load_columns(k + kv_base + col0, seq_len, kv_stride, n0, HEAD_DIM - col0, BLOCK_N,
+                              BLOCK_D // D_SPLIT)
+        k_cols = tl.where(seen[:, None], k_cols, 0.0)
+    dk_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
     key_pos = n0 + offs_n
     lo, hi, full_lo, full_hi = query_range(n0, cols, query_len, seq_len, window, IS_CAUSAL, HAS_WINDOW, BLOCK_N)
@@ -161,14 +200,19 @@ def _parallax_bwd_dkdv_kernel(
         q_offset = (batch.to(tl.int64) * T + seq_start) * q_stride + head * HEAD_DIM
         stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
         dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, q + q_offset, r + q_offset, do + q_offset, dq_acc + q_offset,
+            dk_acc, dv_acc, k_tile, v_tile, k_cols, q + q_offset, r + q_offset, do + q_offset, dq_acc + q_offset,
             dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo, head_tiles, full_tiles, total, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
-            HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION)
-    store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
-               HEAD_DIM, BLOCK_N, BLOCK_D)
-    store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
-               HEAD_DIM, BLOCK_N, BLOCK_D)
+            col0, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION, D_SPLIT)
+    if D_SPLIT == 1:
+        store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
+                   HEAD_DIM, BLOCK_N, BLOCK_D)
+        store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
+                   HEAD_DIM, BLOCK_N, BLOCK_D)
+    else:
+        offsets, mask = column_offsets(seq_len, kv_stride, n0, HEAD_DIM - col0, BLOCK_N, BLOCK_D // D_SPLIT)
+        tl.store(dk + kv_base + col0 + offsets, dk_acc.to(dk.dtype.element_ty), mask=mask)
+        tl.store(dv + kv_base + col0 + offsets, dv_acc.to(dv.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -282,12 +326,14 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
     )
     scalars = (scale, T, S, HQ, HK, max(window, 0), num_seqs, steps)
     if S:
+        d_split = dkdv_column_split(block_d)
+
         def key_grid(meta):
-            return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK,)
+            return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK * d_split,)
 
         _parallax_bwd_dkdv_kernel[key_grid](
             q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu, *scalars,
-            FUSED=fused, **common)
+            FUSED=fused, D_SPLIT=d_split, **common)
     if fused:
         return _gradients(q, dq_acc, dr_acc) + (dk, dv)
     if T:
@@ -297,6 +343,13 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
         _parallax_bwd_dq_kernel[query_grid](
             q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, **common)
     return dq, dr, dk, dv
+
+
+def dkdv_column_split(block_d: int) -> int:
+    """dK/dV programs per key tile on the current device (resources.column_split)."""
+    if block_d < resources.COLUMN_SPLIT_HEAD_DIM:
+        return 1  # asks no device: the interpreter has none
+    return resources.column_split("backward_kv", device_limits()[0], block_d)
 
 
 def _gradients(q, dq_acc, dr_acc):
