@@ -93,9 +93,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--muon-lr", type=float, default=0.02)
-    parser.add_argument("--adamw-lr", type=float, default=3e-3)
+    parser.add_argument("--muon-lr", type=float, nargs="+", default=[0.02], help="one run per rate")
+    parser.add_argument("--adamw-lr", type=float, nargs="+", default=[3e-3], help="one run per rate")
     parser.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=["adamw", "muon"])
+    parser.add_argument("--attentions", nargs="+", choices=("softmax", "parallax"), default=["softmax", "parallax"])
     args = parser.parse_args(argv)
     model_kw = dict(n_layer=2, n_head=2, n_embd=64)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,14 +104,14 @@ def main(argv=None):
     for seq_len in args.seq_lens:
         pair_counts = [n for n in (4, 8, 16, 32) if 4 * n <= seq_len]
         for seed in args.seeds:
-            for attention in ("softmax", "parallax"):
+            for attention in args.attentions:
                 for optimizer in args.optimizers:
-                    lr = args.muon_lr if optimizer == "muon" else args.adamw_lr
-                    row = run_cell(attention, optimizer, lr, seq_len, pair_counts, vocab=args.vocab,
-                                   steps=args.steps, batch=args.batch, seed=seed, model_kw=model_kw)
-                    print(json.dumps(row), flush=True)
-                    with log.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    for lr in args.muon_lr if optimizer == "muon" else args.adamw_lr:
+                        row = run_cell(attention, optimizer, lr, seq_len, pair_counts, vocab=args.vocab,
+                                       steps=args.steps, batch=args.batch, seed=seed, model_kw=model_kw)
+                        print(json.dumps(row), flush=True)
+                        with log.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

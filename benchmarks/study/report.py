@@ -94,6 +94,39 @@ def mqar_table(rows) -> str:
     return "\n".join(lines) + "\n"
 
 
+SOLVED = 0.99  # accuracy at every pair count
+
+
+def mqar_sweep_table(rows) -> str:
+    """Per (steps, seq len, cell): the worst pair count's accuracy at each swept
+    rate (seed 0), the best rate, its accuracies over all seeds, and the
+    fraction of rates at which every pair count reaches SOLVED."""
+    by = defaultdict(list)
+    for r in rows:
+        by[(r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
+    pair_counts = sorted({int(n) for r in rows for n in r["accuracy"]})
+    lines = ["| steps | seq len | cell | worst-pair accuracy per lr (seed 0) | best lr | seeds at best | "
+             + " | ".join(f"{n} pairs" for n in pair_counts) + " | rates solved |",
+             "|---|---|---|---|---|---|" + "---|" * len(pair_counts) + "---|"]
+    for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
+        sweep = sorted((r for r in runs if r["seed"] == 0), key=lambda r: r["lr"])
+        if not sweep:
+            continue
+        worst = {r["lr"]: min(r["accuracy"].values()) for r in sweep}
+        best_lr = max(worst, key=worst.get)
+        at_best = [r for r in runs if r["lr"] == best_lr]
+        cells = []
+        for n in pair_counts:
+            accs = [r["accuracy"][str(n)] for r in at_best if str(n) in r["accuracy"]]
+            cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
+        solved = sum(acc >= SOLVED for acc in worst.values())
+        per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in worst.items())
+        seeds = ", ".join(str(r["seed"]) for r in at_best)
+        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | {per_lr} | {best_lr:g} | {seeds} | "
+                     + " | ".join(cells) + f" | {solved}/{len(worst)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_mqar(rows, results: Path):
     if not rows:
         return
@@ -127,12 +160,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = read_jsonl(args.results / "lm" / "runs.jsonl")
     mqar = read_jsonl(args.results / "mqar.jsonl")
+    sweep = read_jsonl(args.results / "mqar_sweep" / "mqar.jsonl")
     if runs:
         print("## Language modelling\n\n" + lm_tables(runs))
         plot_lm(runs, args.results, args.results / "lm")
     if mqar:
         print("## Associative recall (MQAR)\n\n" + mqar_table(mqar))
         plot_mqar(mqar, args.results)
+    if sweep:
+        print("## Associative recall, learning-rate sweeps\n\n" + mqar_sweep_table(sweep))
 
 
 if __name__ == "__main__":

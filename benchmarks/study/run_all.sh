@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole CPU study in one command (about 70 minutes on 2 cores). Each step
+# The whole CPU study in one command (about 90 minutes on 2 cores). Each step
 # skips or appends to the raw logs under benchmarks/study/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,5 +16,23 @@ mqar --seq-lens 64 & mqar --seq-lens 128; wait
 mqar --seq-lens 64 --seeds 1 --optimizers adamw & mqar --seq-lens 64 --seeds 1 --optimizers muon; wait
 mqar --seq-lens 64 --steps 2000 --optimizers adamw & mqar --seq-lens 64 --steps 2000 --optimizers muon; wait
 mqar --seq-lens 128 --steps 2000 --optimizers adamw & mqar --seq-lens 128 --steps 2000 --optimizers muon; wait
+
+# MQAR learning-rate sweeps at length 64: six rates over about 30x per
+# optimizer (seed 0), then seed 1 at each cell's best rate of that sweep.
+sweep() { OMP_NUM_THREADS=1 python -m benchmarks.study.mqar --out "$out/mqar_sweep" --seq-lens 64 "$@"; }
+sweep --optimizers muon --muon-lr 0.0025 0.005 0.01 0.02 0.04 0.08 &
+sweep --optimizers adamw --adamw-lr 0.0003 0.001 0.002 0.003 0.006 0.01; wait
+best() {  # the rate of <attention> <optimizer> with the best worst-pair accuracy at seed 0
+    python - "$out/mqar_sweep/mqar.jsonl" "$1" "$2" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+rows = [r for r in rows if (r["attention"], r["optimizer"], r["seed"]) == (sys.argv[2], sys.argv[3], 0)]
+print(max(rows, key=lambda r: min(r["accuracy"].values()))["lr"])
+EOF
+}
+for attention in softmax parallax; do
+    sweep --seeds 1 --optimizers muon --muon-lr "$(best "$attention" muon)" --attentions "$attention" &
+    sweep --seeds 1 --optimizers adamw --adamw-lr "$(best "$attention" adamw)" --attentions "$attention"; wait
+done
 
 python -m benchmarks.study.report --results "$out" > "$out/tables.md"

@@ -30,3 +30,18 @@ def test_correction_ratio_is_zero_at_init_and_grows_with_the_probe():
     assert ratios[0] < 1e-6 and ratios[1] > 1e-3
     softmax = GPT(GPTConfig(vocab_size=32, n_layer=2, n_head=2, n_embd=16, block_size=16, attention="softmax"))
     assert correction_ratios(softmax, idx) == []
+
+
+def test_mqar_sweep_table_picks_the_best_rate_and_counts_solved_rates():
+    from benchmarks.study.report import mqar_sweep_table
+
+    def row(lr, seed, accs):
+        return {"attention": "softmax", "optimizer": "muon", "lr": lr, "seq_len": 64, "seed": seed, "steps": 600,
+                "accuracy": {"4": accs[0], "8": accs[1]}}
+
+    rows = [row(0.005, 0, (1.0, 0.995)), row(0.01, 0, (1.0, 0.2)), row(0.02, 0, (0.3, 0.1)),
+            row(0.005, 1, (1.0, 0.985))]
+    line = mqar_sweep_table(rows).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == "0.005: 0.995, 0.01: 0.200, 0.02: 0.100"
+    assert cells[4:] == ["0.005", "0, 1", "1.000", "0.990", "1/3"]
