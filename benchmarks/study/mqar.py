@@ -11,6 +11,7 @@ held-out set, one run per (cell, sequence length).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -101,17 +102,16 @@ def main(argv=None):
     model_kw = dict(n_layer=2, n_head=2, n_embd=64)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "mqar.jsonl"
-    for seq_len in args.seq_lens:
+    rates = [(optimizer, lr) for optimizer in args.optimizers
+             for lr in (args.muon_lr if optimizer == "muon" else args.adamw_lr)]
+    for seq_len, seed, attention, (optimizer, lr) in itertools.product(args.seq_lens, args.seeds, args.attentions,
+                                                                       rates):
         pair_counts = [n for n in (4, 8, 16, 32) if 4 * n <= seq_len]
-        for seed in args.seeds:
-            for attention in args.attentions:
-                for optimizer in args.optimizers:
-                    for lr in args.muon_lr if optimizer == "muon" else args.adamw_lr:
-                        row = run_cell(attention, optimizer, lr, seq_len, pair_counts, vocab=args.vocab,
-                                       steps=args.steps, batch=args.batch, seed=seed, model_kw=model_kw)
-                        print(json.dumps(row), flush=True)
-                        with log.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
+        row = run_cell(attention, optimizer, lr, seq_len, pair_counts, vocab=args.vocab,
+                       steps=args.steps, batch=args.batch, seed=seed, model_kw=model_kw)
+        print(json.dumps(row), flush=True)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

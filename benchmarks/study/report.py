@@ -75,55 +75,73 @@ def plot_lm(runs, results: Path, lm_dir: Path):
     fig.savefig(results / "lm_curves.png", dpi=120)
 
 
-def mqar_table(rows) -> str:
-    if not rows:
-        return ""
+def by_mqar_cell(rows) -> tuple[dict, list[int]]:
+    """Runs grouped by (steps, seq len, attention, optimizer), and the pair counts seen."""
     by = defaultdict(list)
     for r in rows:
         by[(r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
-    pair_counts = sorted({int(n) for r in rows for n in r["accuracy"]})
+    return by, sorted({int(n) for r in rows for n in r["accuracy"]})
+
+
+def mean_accuracies(runs, pair_counts) -> list[str]:
+    """Mean accuracy per pair count over `runs` (blank where none has it)."""
+    cells = []
+    for n in pair_counts:
+        accs = [r["accuracy"][str(n)] for r in runs if str(n) in r["accuracy"]]
+        cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
+    return cells
+
+
+def mqar_table(rows) -> str:
+    if not rows:
+        return ""
+    by, pair_counts = by_mqar_cell(rows)
     lines = ["| steps | seq len | cell | " + " | ".join(f"{n} pairs" for n in pair_counts) + " |",
              "|---|---|---|" + "---|" * len(pair_counts)]
     for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
-        cells = []
-        for n in pair_counts:
-            accs = [r["accuracy"][str(n)] if str(n) in r["accuracy"] else r["accuracy"].get(n) for r in runs]
-            accs = [a for a in accs if a is not None]
-            cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
-        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | "
+                     + " | ".join(mean_accuracies(runs, pair_counts)) + " |")
     return "\n".join(lines) + "\n"
 
 
 SOLVED = 0.99  # accuracy at every pair count
 
 
+def worst_pair_accuracy(runs) -> dict[float, float]:
+    """Seed 0's lowest accuracy over the pair counts, per learning rate (ascending)."""
+    return {r["lr"]: min(r["accuracy"].values()) for r in sorted(runs, key=lambda r: r["lr"]) if r["seed"] == 0}
+
+
+def best_rate(runs) -> float:
+    """The swept rate with the best worst-pair accuracy; ties go to the lowest."""
+    worst = worst_pair_accuracy(runs)
+    return max(worst, key=worst.get)
+
+
+def best_sweep_rate(log: str, attention: str, optimizer: str) -> float:
+    """`best_rate` of one cell of a sweep log (for run_all.sh)."""
+    return best_rate([r for r in read_jsonl(Path(log)) if (r["attention"], r["optimizer"]) == (attention, optimizer)])
+
+
 def mqar_sweep_table(rows) -> str:
     """Per (steps, seq len, cell): the worst pair count's accuracy at each swept
     rate (seed 0), the best rate, its accuracies over all seeds, and the
     fraction of rates at which every pair count reaches SOLVED."""
-    by = defaultdict(list)
-    for r in rows:
-        by[(r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
-    pair_counts = sorted({int(n) for r in rows for n in r["accuracy"]})
+    by, pair_counts = by_mqar_cell(rows)
     lines = ["| steps | seq len | cell | worst-pair accuracy per lr (seed 0) | best lr | seeds at best | "
              + " | ".join(f"{n} pairs" for n in pair_counts) + " | rates solved |",
              "|---|---|---|---|---|---|" + "---|" * len(pair_counts) + "---|"]
     for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
-        sweep = sorted((r for r in runs if r["seed"] == 0), key=lambda r: r["lr"])
-        if not sweep:
+        worst = worst_pair_accuracy(runs)
+        if not worst:
             continue
-        worst = {r["lr"]: min(r["accuracy"].values()) for r in sweep}
-        best_lr = max(worst, key=worst.get)
+        best_lr = best_rate(runs)
         at_best = [r for r in runs if r["lr"] == best_lr]
-        cells = []
-        for n in pair_counts:
-            accs = [r["accuracy"][str(n)] for r in at_best if str(n) in r["accuracy"]]
-            cells.append(f"{statistics.mean(accs):.3f}" if accs else "")
         solved = sum(acc >= SOLVED for acc in worst.values())
         per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in worst.items())
         seeds = ", ".join(str(r["seed"]) for r in at_best)
         lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | {per_lr} | {best_lr:g} | {seeds} | "
-                     + " | ".join(cells) + f" | {solved}/{len(worst)} |")
+                     + " | ".join(mean_accuracies(at_best, pair_counts)) + f" | {solved}/{len(worst)} |")
     return "\n".join(lines) + "\n"
 
 

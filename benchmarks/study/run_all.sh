@@ -22,13 +22,9 @@ mqar --seq-lens 128 --steps 2000 --optimizers adamw & mqar --seq-lens 128 --step
 sweep() { OMP_NUM_THREADS=1 python -m benchmarks.study.mqar --out "$out/mqar_sweep" --seq-lens 64 "$@"; }
 sweep --optimizers muon --muon-lr 0.0025 0.005 0.01 0.02 0.04 0.08 &
 sweep --optimizers adamw --adamw-lr 0.0003 0.001 0.002 0.003 0.006 0.01; wait
-best() {  # the rate of <attention> <optimizer> with the best worst-pair accuracy at seed 0
-    python - "$out/mqar_sweep/mqar.jsonl" "$1" "$2" <<'EOF'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-rows = [r for r in rows if (r["attention"], r["optimizer"], r["seed"]) == (sys.argv[2], sys.argv[3], 0)]
-print(max(rows, key=lambda r: min(r["accuracy"].values()))["lr"])
-EOF
+best() {  # the best swept rate of <attention> <optimizer> (report.best_rate)
+    python -c 'import sys; from benchmarks.study.report import best_sweep_rate; print(best_sweep_rate(*sys.argv[1:]))' \
+        "$out/mqar_sweep/mqar.jsonl" "$1" "$2"
 }
 for attention in softmax parallax; do
     sweep --seeds 1 --optimizers muon --muon-lr "$(best "$attention" muon)" --attentions "$attention" &

@@ -159,33 +159,54 @@ def tile_mask(rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def column_tile_pointers(base, rows, stride, first, col0, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """(pointers, mask) of the [BLOCK_ROWS, BLOCK_C] tile at row `first` and
+    column `col0` of the [rows, HEAD_DIM] matrix at `base` (rows `stride`
+    elements apart). The tile's start is a scalar and the offsets within it
+    int32, so the pointer tensor costs half the registers of int64 offsets."""
+    offs_r = tl.arange(0, BLOCK_ROWS)
+    offs_c = tl.arange(0, BLOCK_C)
+    start = base + first.to(tl.int64) * stride + col0
+    ptrs = start + (offs_r[:, None] * stride + offs_c[None, :])
+    return ptrs, tile_mask(first + offs_r < rows, col0 + offs_c, HEAD_DIM, BLOCK_C)
+
+
+@triton.jit
+def load_columns(base, rows, stride, first, col0, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """The tile `column_tile_pointers` locates, zero outside the matrix."""
+    ptrs, mask = column_tile_pointers(base, rows, stride, first, col0, HEAD_DIM, BLOCK_ROWS, BLOCK_C)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_columns(base, rows, stride, first, col0, value, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Store `value` (in the tensor's dtype) as the tile `load_columns` reads."""
+    ptrs, mask = column_tile_pointers(base, rows, stride, first, col0, HEAD_DIM, BLOCK_ROWS, BLOCK_C)
+    tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
 def tile_pointers(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    """(pointers, mask) of the [BLOCK_ROWS, BLOCK_D] tile at row `first` of the
-    [rows, HEAD_DIM] matrix at `base` (rows `stride` elements apart). The
-    tile's start is a scalar and the offsets within it int32, so the pointer
-    tensor costs half the registers of int64 offsets."""
-    offs_r = tl.arange(0, BLOCK_ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    start = base + first.to(tl.int64) * stride
-    ptrs = start + (offs_r[:, None] * stride + offs_d[None, :])
-    return ptrs, tile_mask(first + offs_r < rows, offs_d, HEAD_DIM, BLOCK_D)
+    """`column_tile_pointers` of the whole (padded) row width."""
+    return column_tile_pointers(base, rows, stride, first, 0, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
 
 
 @triton.jit
 def load_tile(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """The [BLOCK_ROWS, BLOCK_D] tile at row `first` of the [rows, HEAD_DIM]
     matrix at `base`, zero outside it (rows past its end, head-dim padding)."""
-    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
-    return tl.load(ptrs, mask=mask, other=0.0)
+    return load_columns(base, rows, stride, first, 0, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
 
 
 @triton.jit
 def store_tile(base, rows, stride, first, value, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """Store `value` (in the tensor's dtype) as the tile `load_tile` reads."""
-    ptrs, mask = tile_pointers(base, rows, stride, first, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
-    tl.store(ptrs, value, mask=mask)
+    store_columns(base, rows, stride, first, 0, value, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
 
 
 @triton.jit

@@ -25,8 +25,9 @@ import triton.language as tl
 
 from . import resources
 from .triton_parallel import (
-    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, device_limits, head_block, key_range, load_tile, locate_tile, query_range, query_tile,
-    query_tile_offsets, store_tile, tile_phases, tile_pointers, tiles_per_head, visible,
+    AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, column_tile_pointers,
+    device_limits, head_block, key_range, load_columns, load_tile, locate_tile, query_range, query_tile,
+    query_tile_offsets, store_columns, store_tile, tile_phases, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
 
@@ -53,22 +54,6 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
     stat = (batch * HQ + head) * T + token
     tl.store(delta + stat, tl.sum(grad * out, 1), mask=offs < rows)
     tl.store(dmu + stat, tl.sum(grad * soft, 1), mask=offs < rows)
-
-
-@triton.jit
-def column_offsets(rows, stride, first, cols, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """(offsets, mask) of the [BLOCK_ROWS, BLOCK_C] tile at row `first` of a
-    matrix with rows `stride` apart and `cols` valid columns (a runtime count)."""
-    offs_r = tl.arange(0, BLOCK_ROWS)
-    offs_c = tl.arange(0, BLOCK_C)
-    offsets = first.to(tl.int64) * stride + (offs_r[:, None] * stride + offs_c[None, :])
-    return offsets, ((first + offs_r) < rows)[:, None] & (offs_c < cols)[None, :]
-
-
-@triton.jit
-def load_columns(base, rows, stride, first, cols, BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    offsets, mask = column_offsets(rows, stride, first, cols, BLOCK_ROWS, BLOCK_C)
-    return tl.load(base + offsets, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -99,10 +84,9 @@ def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dq_seq
         if D_SPLIT == 1:
             q_cols, r_cols, do_cols = q_tile, r_tile, do_tile
         else:
-            cols = HEAD_DIM - col0
-            q_cols = load_columns(q_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
-            r_cols = load_columns(r_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
-            do_cols = load_columns(do_seq + col0, T, q_stride, m0, cols, BLOCK_M, BLOCK_D // D_SPLIT)
+            q_cols = load_columns(q_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M, BLOCK_D // D_SPLIT)
+            r_cols = load_columns(r_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M, BLOCK_D // D_SPLIT)
+            do_cols = load_columns(do_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M, BLOCK_D // D_SPLIT)
         lse_log2 = tl.load(lse_seq + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # log2(e)
         row_sbar = tl.load(sbar_seq + rows, mask=row_ok, other=0.0)
         row_delta = tl.load(delta_seq + rows, mask=row_ok, other=0.0)
@@ -124,12 +108,10 @@ def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dq_seq
         dk = tl.dot(ds2, r_cols, dk, input_precision=DOT_PRECISION)
         if FUSED:
             # Relaxed: nothing reads the sums until the launch ends.
-            if D_SPLIT == 1:
-                dq_ptrs, in_bounds = tile_pointers(dq_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-                dr_ptrs, in_bounds = tile_pointers(dr_seq, T, q_stride, m0, HEAD_DIM, BLOCK_M, BLOCK_D)
-            else:
-                offsets, in_bounds = column_offsets(T, q_stride, m0, HEAD_DIM - col0, BLOCK_M, BLOCK_D // D_SPLIT)
-                dq_ptrs, dr_ptrs = dq_seq + col0 + offsets, dr_seq + col0 + offsets
+            dq_ptrs, in_bounds = column_tile_pointers(dq_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M,
+                                                      BLOCK_D // D_SPLIT)
+            dr_ptrs, in_bounds = column_tile_pointers(dr_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M,
+                                                      BLOCK_D // D_SPLIT)
             dq = tl.dot(tl.trans(ds1), k_cols, input_precision=DOT_PRECISION)
             tl.atomic_add(dq_ptrs, dq, mask=in_bounds, sem="relaxed")
             dr = tl.dot(tl.trans(ds2), k_cols, input_precision=DOT_PRECISION)
@@ -186,8 +168,7 @@ def _parallax_bwd_dkdv_kernel(
     if D_SPLIT == 1:
         k_cols = k_tile
     else:
-        k_cols = load_columns(k + kv_base + col0, seq_len, kv_stride, n0, HEAD_DIM - col0, BLOCK_N,
-                              BLOCK_D // D_SPLIT)
+        k_cols = load_columns(k + kv_base, seq_len, kv_stride, n0, col0, HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT)
         k_cols = tl.where(seen[:, None], k_cols, 0.0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
@@ -204,15 +185,10 @@ def _parallax_bwd_dkdv_kernel(
             dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo, head_tiles, full_tiles, total, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
             col0, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION, D_SPLIT)
-    if D_SPLIT == 1:
-        store_tile(dk + kv_base, seq_len, kv_stride, n0, dk_acc.to(dk.dtype.element_ty),
-                   HEAD_DIM, BLOCK_N, BLOCK_D)
-        store_tile(dv + kv_base, seq_len, kv_stride, n0, dv_acc.to(dv.dtype.element_ty),
-                   HEAD_DIM, BLOCK_N, BLOCK_D)
-    else:
-        offsets, mask = column_offsets(seq_len, kv_stride, n0, HEAD_DIM - col0, BLOCK_N, BLOCK_D // D_SPLIT)
-        tl.store(dk + kv_base + col0 + offsets, dk_acc.to(dk.dtype.element_ty), mask=mask)
-        tl.store(dv + kv_base + col0 + offsets, dv_acc.to(dv.dtype.element_ty), mask=mask)
+    store_columns(dk + kv_base, seq_len, kv_stride, n0, col0, dk_acc.to(dk.dtype.element_ty),
+                  HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT)
+    store_columns(dv + kv_base, seq_len, kv_stride, n0, col0, dv_acc.to(dv.dtype.element_ty),
+                  HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT)
 
 
 @triton.jit
