@@ -7,6 +7,7 @@
 #     bash benchmarks/gpu.sh              # both parts, one after the other
 #     bash benchmarks/gpu.sh quick        # one short lease: gpu tests (8 processes), bench_decode,
 #                                         # bench_train_kernels --quick, bench_muon --quick
+#     bash benchmarks/gpu.sh decode       # bench_decode alone
 #     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
 #
 # Baselines (FA3, fla) and pytest come from the wheels in .whl/, downloaded
@@ -26,8 +27,8 @@ PARTS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1 | 2 | quick) PARTS+=("$arg") ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick]" >&2; exit 2 ;;
+        1 | 2 | quick | decode) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode]" >&2; exit 2 ;;
     esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
@@ -127,6 +128,8 @@ for part in "${PARTS[@]}"; do
         run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode
         run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
         run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
+    elif [ "$part" = decode ]; then
+        run_step bench_decode 150 "$PYTHON" -m benchmarks.bench_decode
     else
         run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
         run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.study.mqar import SOLVED, best_rate  # noqa: E402
+
 CELL_ORDER = ["softmax/adamw", "parallax/adamw", "softmax/muon", "parallax/muon", "softmax-matched/muon"]
 
 
@@ -75,11 +77,18 @@ def plot_lm(runs, results: Path, lm_dir: Path):
     fig.savefig(results / "lm_curves.png", dpi=120)
 
 
+MQAR_LOGS = [  # (table title, log under --results, in the plot)
+    ("MQAR learning-rate sweeps, CPU", "mqar_cpu/mqar.jsonl", True),
+    ("MQAR learning-rate sweeps, GPU", "mqar_gpu/mqar.jsonl", True),
+    ("MQAR, AdamW with a long budget", "mqar_gpu_long/mqar.jsonl", False),
+]
+
+
 def by_mqar_cell(rows) -> tuple[dict, list[int]]:
-    """Runs grouped by (steps, seq len, attention, optimizer), and the pair counts seen."""
+    """Runs grouped by (device, step budget, seq len, attention, optimizer), and the pair counts seen."""
     by = defaultdict(list)
     for r in rows:
-        by[(r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
+        by[(r["device"], r["steps"], r["seq_len"], r["attention"], r["optimizer"])].append(r)
     return by, sorted({int(n) for r in rows for n in r["accuracy"]})
 
 
@@ -92,84 +101,54 @@ def mean_accuracies(runs, pair_counts) -> list[str]:
     return cells
 
 
-def mqar_table(rows) -> str:
-    if not rows:
-        return ""
-    by, pair_counts = by_mqar_cell(rows)
-    lines = ["| steps | seq len | cell | " + " | ".join(f"{n} pairs" for n in pair_counts) + " |",
-             "|---|---|---|" + "---|" * len(pair_counts)]
-    for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
-        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | "
-                     + " | ".join(mean_accuracies(runs, pair_counts)) + " |")
-    return "\n".join(lines) + "\n"
-
-
-SOLVED = 0.99  # accuracy at every pair count
-
-
 def worst_pair_accuracy(runs) -> dict[float, float]:
     """Seed 0's lowest accuracy over the pair counts, per learning rate (ascending)."""
     return {r["lr"]: min(r["accuracy"].values()) for r in sorted(runs, key=lambda r: r["lr"]) if r["seed"] == 0}
 
 
-def best_rate(runs) -> float:
-    """The swept rate with the best worst-pair accuracy; ties go to the lowest."""
-    worst = worst_pair_accuracy(runs)
-    return max(worst, key=worst.get)
-
-
-def best_sweep_rate(log: str, attention: str, optimizer: str) -> float:
-    """`best_rate` of one cell of a sweep log (for run_all.sh)."""
-    return best_rate([r for r in read_jsonl(Path(log)) if (r["attention"], r["optimizer"]) == (attention, optimizer)])
-
-
 def mqar_sweep_table(rows) -> str:
-    """Per (steps, seq len, cell): the worst pair count's accuracy at each swept
-    rate (seed 0), the best rate, its accuracies over all seeds, and the
-    fraction of rates at which every pair count reaches SOLVED."""
+    """Per (device, budget, seq len, cell): the worst pair count's accuracy at
+    each swept rate (seed 0), the best rate, its accuracies (mean over seeds)
+    and steps to reach SOLVED per seed, and the rates at which every pair
+    count reaches SOLVED."""
     by, pair_counts = by_mqar_cell(rows)
-    lines = ["| steps | seq len | cell | worst-pair accuracy per lr (seed 0) | best lr | seeds at best | "
-             + " | ".join(f"{n} pairs" for n in pair_counts) + " | rates solved |",
-             "|---|---|---|---|---|---|" + "---|" * len(pair_counts) + "---|"]
-    for (steps, seq_len, attention, optimizer), runs in sorted(by.items()):
+    lines = ["| device | budget | seq len | width | cell | worst-pair accuracy per lr (seed 0) | best lr | "
+             + " | ".join(f"{n} pairs" for n in pair_counts) + " | steps to 0.99 (seeds at best) | rates solved |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(pair_counts) + "---|---|"]
+    for (device, steps, seq_len, attention, optimizer), runs in sorted(by.items()):
         worst = worst_pair_accuracy(runs)
         if not worst:
             continue
         best_lr = best_rate(runs)
-        at_best = [r for r in runs if r["lr"] == best_lr]
+        at_best = sorted((r for r in runs if r["lr"] == best_lr), key=lambda r: r["seed"])
         solved = sum(acc >= SOLVED for acc in worst.values())
         per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in worst.items())
-        seeds = ", ".join(str(r["seed"]) for r in at_best)
-        lines.append(f"| {steps} | {seq_len} | {attention}/{optimizer} | {per_lr} | {best_lr:g} | {seeds} | "
-                     + " | ".join(mean_accuracies(at_best, pair_counts)) + f" | {solved}/{len(worst)} |")
+        solve_steps = ", ".join(f"s{r['seed']}: {r['steps_to_solve'] or '-'}" for r in at_best)
+        lines.append(f"| {device} | {steps} | {seq_len} | {runs[0]['width']} | {attention}/{optimizer} | {per_lr} | "
+                     f"{best_lr:g} | " + " | ".join(mean_accuracies(at_best, pair_counts))
+                     + f" | {solve_steps} | {solved}/{len(worst)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_mqar(rows, results: Path):
-    if not rows:
-        return
-    settings = sorted({(r["steps"], r["seq_len"]) for r in rows})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
-    for ax, (steps, seq_len) in zip(axes[0], settings):
-        for attention in ("softmax", "parallax"):
-            for optimizer in ("adamw", "muon"):
-                runs = [r for r in rows if (r["steps"], r["seq_len"], r["attention"], r["optimizer"])
-                        == (steps, seq_len, attention, optimizer)]
-                if not runs:
-                    continue
-                counts = sorted(int(n) for n in runs[0]["accuracy"])
-                acc = [statistics.mean(r["accuracy"][str(n)] for r in runs) for n in counts]
-                ax.plot(counts, acc, marker="o", label=f"{attention}/{optimizer}",
+def plot_mqar(rows, path: Path):
+    """Worst-pair accuracy against the learning rate (seed 0), one panel per (device, budget, length)."""
+    by, _ = by_mqar_cell(rows)
+    settings = sorted({key[:3] for key in by})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False, sharey=True)
+    for ax, setting in zip(axes[0], settings):
+        for (*key, attention, optimizer), runs in sorted(by.items()):
+            worst = worst_pair_accuracy(runs)
+            if tuple(key) == setting and worst:
+                ax.plot(list(worst), list(worst.values()), marker="o", label=f"{attention}/{optimizer}",
                         linestyle="-" if optimizer == "muon" else "--")
-        counts = sorted({int(n) for r in rows if (r["steps"], r["seq_len"]) == (steps, seq_len) for n in r["accuracy"]})
-        ax.set(xscale="log", xlabel="key-value pairs", ylabel="accuracy", ylim=(0, 1.05),
-               title=f"MQAR, sequence length {seq_len}, {steps} steps")
-        ax.set_xticks(counts, [str(n) for n in counts])
-        ax.minorticks_off()
+        device, steps, seq_len = setting
+        ax.set(xscale="log", xlabel="learning rate (hidden matrices)", ylim=(0, 1.05),
+               title=f"T={seq_len}, {steps} steps, {device}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("worst-pair accuracy")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(results / "mqar.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
@@ -177,16 +156,17 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=Path("benchmarks/study/results"))
     args = parser.parse_args(argv)
     runs = read_jsonl(args.results / "lm" / "runs.jsonl")
-    mqar = read_jsonl(args.results / "mqar.jsonl")
-    sweep = read_jsonl(args.results / "mqar_sweep" / "mqar.jsonl")
     if runs:
         print("## Language modelling\n\n" + lm_tables(runs))
         plot_lm(runs, args.results, args.results / "lm")
-    if mqar:
-        print("## Associative recall (MQAR)\n\n" + mqar_table(mqar))
-        plot_mqar(mqar, args.results)
-    if sweep:
-        print("## Associative recall, learning-rate sweeps\n\n" + mqar_sweep_table(sweep))
+    sweeps = []
+    for title, log, plotted in MQAR_LOGS:
+        rows = read_jsonl(args.results / log)
+        if rows:
+            print(f"## {title}\n\n" + mqar_sweep_table(rows))
+            sweeps += rows if plotted else []
+    if sweeps:
+        plot_mqar(sweeps, args.results / "mqar.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The study's own instruments: the MQAR generator and the correction probe."""
+"""The study's own instruments: the MQAR generator and sweep, the correction probe, the tables."""
+import json
+
 import torch
 
 from benchmarks.study.correction import correction_ratios
@@ -35,13 +37,39 @@ def test_correction_ratio_is_zero_at_init_and_grows_with_the_probe():
 def test_mqar_sweep_table_picks_the_best_rate_and_counts_solved_rates():
     from benchmarks.study.report import mqar_sweep_table
 
-    def row(lr, seed, accs):
-        return {"attention": "softmax", "optimizer": "muon", "lr": lr, "seq_len": 64, "seed": seed, "steps": 600,
-                "accuracy": {"4": accs[0], "8": accs[1]}}
+    def row(lr, seed, accs, solve):
+        return {"attention": "softmax", "optimizer": "muon", "lr": lr, "seq_len": 64, "width": 64, "seed": seed,
+                "steps": 600, "device": "cpu", "steps_to_solve": solve, "accuracy": {"4": accs[0], "8": accs[1]}}
 
-    rows = [row(0.005, 0, (1.0, 0.995)), row(0.01, 0, (1.0, 0.2)), row(0.02, 0, (0.3, 0.1)),
-            row(0.005, 1, (1.0, 0.985))]
+    # 0.005 and 0.01 both solve; 0.01 is best because it solves in fewer steps.
+    rows = [row(0.005, 0, (1.0, 0.995), 400), row(0.01, 0, (1.0, 0.995), 200), row(0.02, 0, (0.3, 0.1), None),
+            row(0.01, 1, (1.0, 0.985), None)]
     line = mqar_sweep_table(rows).splitlines()[-1]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[3] == "0.005: 0.995, 0.01: 0.200, 0.02: 0.100"
-    assert cells[4:] == ["0.005", "0, 1", "1.000", "0.990", "1/3"]
+    assert cells[5] == "0.005: 0.995, 0.01: 0.995, 0.02: 0.100"
+    assert cells[6:] == ["0.01", "1.000", "0.990", "s0: 200, s1: -", "2/3"]
+
+
+def test_mqar_sweep_queues_each_best_rate_with_more_seeds(tmp_path):
+    """The sweep runs every rate, then seed 1 at the best one; a rerun skips what is logged."""
+    from benchmarks.study.mqar import main, run_key
+
+    args = ["--out", str(tmp_path), "--seq-lens", "16", "--steps", "4", "--jobs", "1", "--optimizers", "muon",
+            "--attentions", "parallax", "--muon-lr", "0.01", "0.02"]
+    main(args)
+    rows = [json.loads(line) for line in (tmp_path / "mqar.jsonl").open()]
+    assert sorted((r["lr"], r["seed"]) for r in rows) in ([(0.01, 0), (0.01, 1), (0.02, 0)],
+                                                         [(0.01, 0), (0.02, 0), (0.02, 1)])
+    assert all(r["trained_steps"] == 4 and r["steps_to_solve"] is None for r in rows)
+    main(args)
+    assert len((tmp_path / "mqar.jsonl").read_text().splitlines()) == 3
+    assert len({run_key(r) for r in rows}) == 3
+
+
+def test_lm_sweep_widens_past_the_best_end_until_interior():
+    from benchmarks.study.lm_grid import MAX_RATE_RANGE, edge_step
+
+    assert edge_step([0.01, 0.02, 0.04], 0.01) == 0.005
+    assert edge_step([0.01, 0.02, 0.04], 0.04) == 0.08
+    assert edge_step([0.01, 0.02, 0.04], 0.02) is None
+    assert edge_step([0.01, 0.01 * MAX_RATE_RANGE], 0.01) is None
