@@ -1,7 +1,8 @@
 """Language-modelling 2x2: {softmax, Parallax} x {AdamW, Muon}, plus a
 parameter-matched softmax model under Muon. Same data, tokens and schedule
-for every cell; each cell sweeps the hidden-matrix learning rate (seed 0), widening the sweep
-until its best value is interior, then reruns its best value with more seeds.
+for every cell; each cell sweeps the hidden-matrix learning rate (seed 0),
+widening the sweep until its best value is interior, then reruns its best
+value with more seeds.
 
     python -m benchmarks.study.lm_grid                 # CPU size, into results/lm
     python -m benchmarks.study.lm_grid --scale gpu --out benchmarks/study/results/lm_gpu --data DIR
@@ -27,7 +28,8 @@ CELLS = {
 # Where each cell's sweep starts; it grows by factors of 2 until its best rate is interior.
 LEARNING_RATES = {"adamw": (7.5e-4, 1.5e-3, 3e-3, 6e-3), "muon": (0.0075, 0.015, 0.03, 0.06)}
 # --scale: the CPU size is the 2-core development machine's (410k tokens a
-# run); the GPU size trains the 20m preset on 262M tokens a run.
+# run); the GPU size trains the 20m preset on 262M tokens a run (pass --data:
+# the default corpus would be repeated many times).
 SCALES = {
     "cpu": dict(model="small", steps=200, batch_size=16, seq_len=128, jobs=2),
     "gpu": dict(model="20m", steps=8000, batch_size=32, seq_len=1024, jobs=1),
@@ -123,6 +125,7 @@ def main(argv=None):
             if new:
                 rates[cell] = sorted(rates[cell] + [new])
     run(jobs_for([(cell, row["lr"], seed) for cell, row in best.items() for seed in args.extra_seeds]))
+
 
 if __name__ == "__main__":
     main()
