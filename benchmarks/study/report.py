@@ -134,12 +134,14 @@ def plot_mqar(rows, path: Path):
     """Worst-pair accuracy against the learning rate (seed 0), one panel per (device, budget, length)."""
     by, _ = by_mqar_cell(rows)
     settings = sorted({key[:3] for key in by})
+    cells = sorted({key[3:] for key in by})  # one colour per cell in every panel
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.6), squeeze=False, sharey=True)
     for ax, setting in zip(axes[0], settings):
         for (*key, attention, optimizer), runs in sorted(by.items()):
             worst = worst_pair_accuracy(runs)
             if tuple(key) == setting and worst:
                 ax.plot(list(worst), list(worst.values()), marker="o", label=f"{attention}/{optimizer}",
+                        color=f"C{cells.index((attention, optimizer))}",
                         linestyle="-" if optimizer == "muon" else "--")
         device, steps, seq_len = setting
         ax.set(xscale="log", xlabel="learning rate (hidden matrices)", ylim=(0, 1.05),
