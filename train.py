@@ -1,6 +1,6 @@
 """Train a small language model with Parallax attention and Muon.
 
-    python train.py                      # stdlib sources, small model, ~6 min on 2 CPU cores
+    python train.py                      # stdlib sources, small model, ~2 min on 2 CPU cores
     python train.py --model tiny --steps 50 --attention softmax
     torchrun --nproc_per_node 2 train.py --model tiny --steps 20
 

@@ -33,9 +33,14 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]) of x: [B, T, H, D] by the given angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotate pairs (x[i], x[i + D/2]) of x: [B, T, H, D] by the given angles (cos, sin: [..., D/2]).
+
+    As x * [cos, cos] + roll(x, D/2) * [-sin, sin]: three passes over x where
+    the halves form takes seven (a tenth of a CPU training step went to RoPE).
+    """
+    cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin).to(x.dtype)
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -66,6 +66,14 @@ def test_rope_rotates_q_k_and_r_with_the_same_angles(monkeypatch):
     assert torch.allclose(score(7, 3), score(14, 10)) and not torch.allclose(score(7, 3), score(7, 4))
 
 
+def test_apply_rope_is_a_complex_rotation_of_the_half_pairs():
+    # (x[i], x[i + D/2]) as the complex number x[i] + 1j x[i + D/2], times e^(1j angle)
+    x = torch.randn(2, 5, 3, 8)
+    cos, sin = RotaryEmbedding(8)(torch.arange(5))
+    z = torch.complex(*x.chunk(2, dim=-1)) * torch.complex(cos, sin)
+    assert torch.allclose(apply_rope(x, cos, sin), torch.cat((z.real, z.imag), dim=-1), atol=1e-6)
+
+
 def test_qk_norm_normalises_q_r_and_k_per_head(monkeypatch):
     layer = make_layer(qk_norm=True)
     seen = {}
