@@ -5,7 +5,9 @@ Usage (from the repo root, or anywhere once parallax is installed):
 Writes the markdown table to benchmarks/results/muon_<device>.md and prints it.
 GPU: bf16 at the full shapes, timed with CUDA events. CPU: float32; --quick
 quarters every orthogonalize shape and keeps 2 of the 12 GPT layers so the
-run ends in a minute or two on a small machine. Every optimizer is checked
+run ends in a minute or two on a small machine; on CPU it quarters the GPT
+matrices too (torch.optim.Muon iterates in bf16, which CPUs without bf16
+matrix units multiply ~6x slower than float32, and addmm ~12x). Every optimizer is checked
 against torch.optim.Muon before it is timed. --ddp adds the data-parallel
 path: two gloo ranks on CPU (one thread each) step the same matrices with and
 without sharing the orthogonalization.
@@ -74,24 +76,25 @@ def orthogonalize_rows(device, dtype, scale, repeats):
     return rows
 
 
-def gpt_matrices(device, layers, seed=0):
+def gpt_matrices(device, layers, scale=1, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    params = [nn.Parameter((torch.randn(s, generator=generator) * 0.02).to(device)) for s in GPT_LAYER_SHAPES * layers]
+    shapes = [(rows // scale, cols // scale) for rows, cols in GPT_LAYER_SHAPES * layers]
+    params = [nn.Parameter((torch.randn(s, generator=generator) * 0.02).to(device)) for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).to(device)
     return params
 
 
-def check_against_torch(build, device, layers):
+def check_against_torch(build, device, layers, scale):
     """One step of `build` on the GPT matrices equals torch.optim.Muon's (bit for bit
     where the iteration is torch's; close for the other orthogonalizers)."""
-    ours, theirs = gpt_matrices(device, layers), gpt_matrices(device, layers)
+    ours, theirs = gpt_matrices(device, layers, scale), gpt_matrices(device, layers, scale)
     build(ours).step()
     torch.optim.Muon(theirs, lr=0.02).step()
     return max((a - b).abs().max().item() for a, b in zip(ours, theirs))
 
 
-def step_times(device, layers, repeats):
+def step_times(device, layers, scale, repeats):
     """Median ms of one optimizer step over the GPT matrices, per optimizer."""
     builders = {
         "torch.optim.Muon": lambda params: torch.optim.Muon(params, lr=0.02),
@@ -101,23 +104,23 @@ def step_times(device, layers, repeats):
     if device.type == "cuda":
         builders["parallax Muon (newton_schulz, compiled)"] = lambda params: Muon(params, lr=0.02, compile=True)
     # Correctness first: torch's iteration must be reproduced exactly, Gram NS within its rounding.
-    error = check_against_torch(builders["parallax Muon (newton_schulz)"], device, layers)
+    error = check_against_torch(builders["parallax Muon (newton_schulz)"], device, layers, scale)
     if error != 0.0:
         raise AssertionError(f"parallax Muon differs from torch.optim.Muon by {error}")
-    error = check_against_torch(builders["parallax Muon (gram_newton_schulz)"], device, layers)
+    error = check_against_torch(builders["parallax Muon (gram_newton_schulz)"], device, layers, scale)
     if error > 0.02 * 0.05:  # a few percent of one lr=0.02 step
         raise AssertionError(f"Gram Newton-Schulz Muon differs from torch.optim.Muon by {error}")
-    steps = {name: build(gpt_matrices(device, layers)).step for name, build in builders.items()}
+    steps = {name: build(gpt_matrices(device, layers, scale)).step for name, build in builders.items()}
     return interleaved_timings(steps, device, repeats)
 
 
-def _ddp_worker(rank, world_size, port, layers, repeats, out):
+def _ddp_worker(rank, world_size, port, layers, scale, repeats, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         device = torch.device("cpu")
-        alone = Muon(gpt_matrices(device, layers), lr=0.02)
-        shared = Muon(gpt_matrices(device, layers), lr=0.02, process_group=dist.group.WORLD)
+        alone = Muon(gpt_matrices(device, layers, scale), lr=0.02)
+        shared = Muon(gpt_matrices(device, layers, scale), lr=0.02, process_group=dist.group.WORLD)
         alone.step()
         shared.step()
         # Sharing must not change the result: bf16 directions are exact on the wire.
@@ -136,21 +139,21 @@ def _ddp_worker(rank, world_size, port, layers, repeats, out):
         dist.destroy_process_group()
 
 
-def ddp_times(layers, repeats):
+def ddp_times(layers, scale, repeats):
     """(median ms, best ms) of Muon.step on 2 gloo ranks with and without sharing."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.pt")
-        mp.start_processes(_ddp_worker, args=(2, port, layers, repeats, out), nprocs=2, start_method="fork")
+        mp.start_processes(_ddp_worker, args=(2, port, layers, scale, repeats, out), nprocs=2, start_method="fork")
         result = torch.load(out)
     if not result["same"]:
         raise AssertionError("sharing the orthogonalization across ranks changed the parameters")
     return {name: (statistics.median(v), min(v)) for name, v in result["timings"].items()}
 
 
-def markdown(device, args, ortho_rows, steps, layers, dtype, ddp=None):
+def markdown(device, args, ortho_rows, steps, layers, scale, dtype, ddp=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     lines = [
         f"# Muon benchmark ({device.type})",
@@ -177,7 +180,7 @@ def markdown(device, args, ortho_rows, steps, layers, dtype, ddp=None):
     lines += [
         "",
         f"## optimizer step on a 125M GPT's matrices ({layers} of {GPT_LAYERS} layers: "
-        "2304x768, 768x768, 3072x768, 768x3072 each; bf16 Newton-Schulz as torch)",
+        f"{', '.join(f'{r // scale}x{c // scale}' for r, c in GPT_LAYER_SHAPES)} each; bf16 Newton-Schulz as torch)",
         "",
         "| optimizer | median ms | best ms | torch / this (median) | torch / this (best) |",
         "|---|---|---|---|---|",
@@ -224,10 +227,11 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     scale = 4 if args.quick else 1
     layers = 2 if args.quick else GPT_LAYERS
+    matrix_scale = scale if device.type == "cpu" else 1
 
     table = markdown(
-        device, args, orthogonalize_rows(device, dtype, scale, args.repeats), step_times(device, layers, args.repeats),
-        layers, dtype, ddp_times(layers, args.repeats) if args.ddp else None,
+        device, args, orthogonalize_rows(device, dtype, scale, args.repeats), step_times(device, layers, matrix_scale, args.repeats),
+        layers, matrix_scale, dtype, ddp_times(layers, matrix_scale, args.repeats) if args.ddp else None,
     )
     out = args.out or Path(__file__).parent / "results" / f"muon_{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
