@@ -158,10 +158,12 @@ def test_sigint_finishes_the_step_saves_and_exits_130(corpus, tmp_path, expected
 
     real_train = loop.train
     monkeypatch.setattr(loop, "train", lambda cfg: real_train(cfg, loss_hook=interrupt_at_step_5))
+    # A shell starts background jobs with SIGINT ignored, so compare with what was there, not the default.
+    handler_before = signal.getsignal(signal.SIGINT)
     assert main(flags(corpus, out)) == 130
     line = one_error_line(capsys)
     assert line == f"train.py: stopped by SIGINT at step 6; saved {out / 'checkpoint.pt'}; continue with --resume"
     assert checkpoint_module.load_checkpoint(out / "checkpoint.pt")["step"] == 6
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # restored
     monkeypatch.undo()
     resume_and_check(corpus, out, expected_loss, capsys)
