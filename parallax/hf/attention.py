@@ -52,29 +52,28 @@ class ParallaxSelfAttention(ParallaxAttention):
     values go to a `ParallaxCacheLayer` of `past_key_values`, which decodes
     through `parallax_attn_with_kvcache` (the Triton kernel on CUDA). In
     training mode the cache is not used (transformers builds one by default)
-    so gradients flow through `parallax_attn`. `backend` is passed to the
-    kernels (None: Triton on CUDA, torch elsewhere).
+    so gradients flow through `parallax_attn`.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, layer_idx: int,
-                 window_size: int | None, qk_norm: bool, bias: bool):
+                 window_size: int | None, qk_norm: bool, bias: bool, scale: float | None = None,
+                 backend: str | None = None, deterministic: bool = True):
         super().__init__(hidden_size, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, kind="parallax",
-                         window_size=window_size, qk_norm=qk_norm, bias=bias)
+                         window_size=window_size, qk_norm=qk_norm, bias=bias, scale=scale, backend=backend,
+                         deterministic=deterministic)
         self.layer_idx = layer_idx
         self.is_causal = True
-        self.backend: str | None = None
 
     @classmethod
-    def replacing(cls, attn: nn.Module, layer_idx: int, window_size: int | None) -> "ParallaxSelfAttention":
-        """A Parallax layer that reuses the projections (and q/k norms) of a Llama-family attention module.
+    def replacing(cls, attn: nn.Module, layer_idx: int, window_size: int | None, *, backend: str | None = None,
+                  deterministic: bool = True) -> "ParallaxSelfAttention":
+        """A Parallax layer that reuses the projections (and q/k norms) of a Llama-family attention module,
+        and its q.k scale (`scaling`, head_dim ** -0.5 unless the family or config sets another).
 
         The probe starts at zero (`reset_probe`), so the output equals the original's.
         """
         q, k = attn.q_proj, attn.k_proj
         head_dim = int(attn.head_dim)
-        scaling = getattr(attn, "scaling", head_dim ** -0.5)
-        if abs(scaling - head_dim ** -0.5) > 1e-12:
-            raise ValueError(f"layer {layer_idx} scales q.k by {scaling}, Parallax attention by head_dim ** -0.5")
         if getattr(attn, "attention_dropout", 0.0):
             raise ValueError(f"layer {layer_idx} has attention_dropout={attn.attention_dropout}; Parallax attention "
                              "has no attention dropout")
@@ -82,7 +81,9 @@ class ParallaxSelfAttention(ParallaxAttention):
         weight = q.weight
         with torch.device(weight.device):
             layer = cls(q.in_features, q.out_features // head_dim, k.out_features // head_dim, head_dim,
-                        layer_idx=layer_idx, window_size=window_size, qk_norm=qk_norm, bias=q.bias is not None)
+                        layer_idx=layer_idx, window_size=window_size, qk_norm=qk_norm, bias=q.bias is not None,
+                        scale=float(getattr(attn, "scaling", head_dim ** -0.5)), backend=backend,
+                        deterministic=deterministic)
         layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj = q, k, attn.v_proj, attn.o_proj
         if qk_norm:
             layer.q_norm, layer.k_norm = attn.q_norm, attn.k_norm
@@ -111,4 +112,4 @@ class ParallaxSelfAttention(ParallaxAttention):
         if hf_cache is not None and not self.training:
             layer = parallax_cache_layer(hf_cache, self.layer_idx)
             kv = layer.reserve(hidden_states.shape[1], hidden_states, self.num_kv_heads, self.head_dim)
-        return super().forward(hidden_states, cache=kv, rope=rope, backend=self.backend), None
+        return super().forward(hidden_states, cache=kv, rope=rope), None

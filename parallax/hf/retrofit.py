@@ -5,6 +5,8 @@ and a causal-LM subclass that builds the family's model and then swaps every
 self-attention module for a `ParallaxSelfAttention` reusing its projections.
 Both are registered with the Auto classes, so a converted model saves with
 `save_pretrained` and loads back with `AutoModelForCausalLM.from_pretrained`.
+The config's `backend` and `deterministic` (absent: None and True, as
+everywhere in parallax) go to every layer.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from ..kernels.backend import check_backend
+from ..kernels.checks import check_deterministic
 from ..nn import ParallaxAttention
 from ..nn.rope import RotaryEmbedding
 from .attention import ATTENTION_NAME, ParallaxSelfAttention
@@ -30,9 +34,11 @@ def _window(attn: nn.Module, config) -> int | None:
 def install_parallax_attention(model: nn.Module) -> None:
     """Replace every decoder layer's self_attn of `model` (a *ForCausalLM) in place."""
     config = model.config
+    backend, deterministic = getattr(config, "backend", None), getattr(config, "deterministic", True)
     for idx, layer in enumerate(model.model.layers):
         if not isinstance(layer.self_attn, ParallaxSelfAttention):
-            layer.self_attn = ParallaxSelfAttention.replacing(layer.self_attn, idx, _window(layer.self_attn, config))
+            layer.self_attn = ParallaxSelfAttention.replacing(layer.self_attn, idx, _window(layer.self_attn, config),
+                                                              backend=backend, deterministic=deterministic)
     config._attn_implementation = ATTENTION_NAME
 
 
@@ -80,14 +86,15 @@ FAMILIES = {
 }
 
 
-def to_parallax(model: nn.Module) -> nn.Module:
+def to_parallax(model: nn.Module, *, backend: str | None = None, deterministic: bool = True) -> nn.Module:
     """Give a Llama, Mistral, Qwen2 or Qwen3 causal LM Parallax attention, in place; returns it.
 
     Every self-attention module becomes a `ParallaxSelfAttention` holding the
     original q/k/v/o projections (the same tensors), q/k norms and biases,
-    with the layer's sliding window, the model's own RoPE (any scaling), and a
-    probe that starts at zero: right after conversion the logits are the
-    original model's. The model's class and config class become the registered
+    with the layer's q.k scale and sliding window, the model's own RoPE (any
+    scaling), and a probe that starts at zero: right after conversion the
+    logits are the original model's. backend and deterministic (those of
+    `parallax_attn`) are stored in the config and given to every layer. The model's class and config class become the registered
     Parallax subclasses (same weights, same config values), so
     `save_pretrained` / `AutoModelForCausalLM.from_pretrained` round-trip it.
     """
@@ -99,6 +106,9 @@ def to_parallax(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be one of {names}, got {type(model).__name__}")
     if type(model.config) is not family.base_config:
         raise TypeError(f"model.config must be a {family.base_config.__name__}, got {type(model.config).__name__}")
+    check_backend(backend)
+    check_deterministic(deterministic)
+    model.config.backend, model.config.deterministic = backend, deterministic
     install_parallax_attention(model)
     # The subclasses add no state, so switching the classes keeps every submodule's
     # reference to the one config object and every parameter tensor as they are.

@@ -54,7 +54,7 @@ def _training_call(s: Scenario):
     q, r, grad = (torch.randn(1, T, HQ, D).to(dtype) for _ in range(3))
     k, v = (torch.randn(1, T, HK, D).to(dtype) for _ in range(2))
     cu = torch.tensor([0, 48, T], dtype=torch.int32) if s.varlen else None
-    window = 64 if s.window else -1
+    window = 64 if s.window else None
     scale = D**-0.5
     if s.kind == "forward":
         parallax_fwd(q, r, k, v, scale, s.causal, window, cu)

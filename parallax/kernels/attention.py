@@ -8,23 +8,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import resolve_backend
 from .blockwise import blockwise_attention
-from .checks import check_backend, check_cu_seqlens, check_qkv, check_scale, check_window
-from .resources import wide_float32
+from .checks import check_cu_seqlens, check_deterministic, check_qkv, check_scale, check_window
 
 
-def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend) -> None:
+def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend, deterministic) -> str:
+    """Check every argument; returns the path to take, "triton" or "torch"."""
     check_qkv(q, r, k, v)
     check_scale(scale)
     check_window(window_size)
-    check_backend(backend, q)
+    check_deterministic(deterministic)
+    backend = resolve_backend(backend, q)
     check_cu_seqlens(cu_seqlens, q, k)
-
-
-def _resolve_backend(backend, q: torch.Tensor) -> str:
-    if backend is None:
-        # float32 with wide heads has no Triton tiling that fits (docs/kernels.md).
-        return "triton" if q.is_cuda and not wide_float32(q.dtype, q.shape[-1]) else "torch"
     return backend
 
 
@@ -63,7 +59,8 @@ def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_s
         window_size: keep only the W most recent visible keys (self included).
         cu_seqlens: int32 [N + 1] offsets of N sequences packed in batch 1
             (T == S); each sequence is masked on its own.
-        backend: None (Triton on CUDA, torch otherwise), "torch" or "triton".
+        backend: None (Triton on CUDA, torch otherwise), "torch" or "triton";
+            see `backend.py`.
         deterministic: Triton backward only. True (default): three
             launches, no atomics, bitwise reproducible. False: one fused
             launch that adds dq, dr with float32 atomics (fewer products,
@@ -73,32 +70,35 @@ def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_s
     Returns [B, T, HQ, D] in q's dtype; rows that see no key are 0.
     Differentiable in q, r, k and v.
     """
-    _validate(q, r, k, v, scale, window_size, cu_seqlens, backend)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    path = _validate(q, r, k, v, scale, window_size, cu_seqlens, backend, deterministic)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _resolve_backend(backend, q) == "triton":
+    if path == "triton":
         return _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
     return _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens)
 
 
-def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None):
+def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None,
+                      deterministic=True):
     """Softmax attention under the conventions of `parallax_attn` (no probe).
 
-    Uses PyTorch SDPA where its mask convention coincides (no window, no
-    cu_seqlens, and T == S when causal), else the Triton kernel on CUDA and the
-    blockwise torch path elsewhere.
+    backend None or "torch" use PyTorch SDPA where its mask convention
+    coincides (no window, no cu_seqlens, and T == S when causal), and
+    otherwise the path `parallax_attn` would take (None) or the blockwise
+    torch path ("torch"); "triton" always runs the Triton kernel (with a zero
+    probe), whose backward `deterministic` chooses as in `parallax_attn`.
     """
-    _validate(q, None, k, v, scale, window_size, cu_seqlens, None)
+    path = _validate(q, None, k, v, scale, window_size, cu_seqlens, backend, deterministic)
     T, S = q.shape[1], k.shape[1]
     # SDPA's causal CPU kernel returns NaN for scale <= 0, so only positive scales take it.
     sdpa_scale_ok = scale is None or scale > 0
-    if cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S) and sdpa_scale_ok:
+    sdpa_mask_ok = cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S)
+    if backend != "triton" and sdpa_mask_ok and sdpa_scale_ok:
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         )
         return o.transpose(1, 2)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    path = _triton_path if q.is_cuda else _torch_path
-    return path(q, None, k, v, scale, causal, window_size, cu_seqlens)
+    if path == "triton":
+        return _triton_path(q, None, k, v, scale, causal, window_size, cu_seqlens, deterministic)
+    return _torch_path(q, None, k, v, scale, causal, window_size, cu_seqlens)

@@ -5,13 +5,9 @@ dtype) with a message that names the argument and says what was expected.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import torch
-
-BACKENDS = (None, "torch", "triton")
 
 
 def check_tensor(name: str, x, ndim: int, layout: str) -> None:
@@ -75,18 +71,9 @@ def check_scale(scale) -> None:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
-def check_backend(backend, q: torch.Tensor | None = None) -> None:
-    """A known backend; with q, also that an explicit 'triton' can run on q's device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of None, 'torch', 'triton', got {backend!r}")
-    if backend != "triton" or q is None:
-        return
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError("backend='triton' needs the triton package; use backend='torch' or None")
-    # Triton's interpreter (TRITON_INTERPRET=1) is how the kernels run on CPU tensors.
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got q on {q.device}; "
-                         "use backend='torch' or None")
+def check_deterministic(deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
 
 
 def check_cu_seqlens(cu_seqlens, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -12,20 +12,15 @@ and serves CPU tensors and inputs the kernel does not take.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
+from .backend import resolve_backend
 from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
-from .checks import check_backend, check_same, check_scale, check_tensor, check_window
-from .reference import keys_visible
-from .resources import wide_float32
+from .checks import check_same, check_scale, check_tensor, check_window
+from .reference import visible_keys
 
 
-def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend,
-              check_values):
+def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, check_values):
     layout = "[batch, seq, heads, head_dim]"
     check_tensor("q", q, 4, layout)
     check_tensor("r", r, 4, layout)
@@ -81,7 +76,6 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
         capacity = block_table.shape[1] * k_cache.shape[1]
     check_scale(scale)
     check_window(window_size)
-    check_backend(backend)
     if check_values is not None and not isinstance(check_values, bool):
         raise TypeError(f"check_values must be None, True or False, got {check_values!r}")
     return capacity
@@ -91,37 +85,15 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _triton_unsupported(q) -> Exception | None:
-    """Why the Triton kernel cannot take these inputs, or None if it can."""
+def decode_kernel_refuses(q) -> Exception | None:
+    """Why the decode kernel cannot take q, or None if it can (for `resolve_backend`)."""
     if q.dtype not in TRITON_DTYPES:
         return TypeError(f"backend='triton' needs q of dtype float16, bfloat16 or float32, got {q.dtype}; "
                          "use backend='torch'")
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         return ValueError(f"backend='triton' needs q's head_dim in {TRITON_HEAD_DIMS}, got {q.shape[-1]}; "
                           "use backend='torch'")
-    # Triton's interpreter (TRITON_INTERPRET=1) is how kernels run on CPU tensors.
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got q on {q.device}")
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _uses_triton(backend, q) -> bool:
-    """Resolve the backend before anything is written to the cache: an explicit
-    'triton' the kernel cannot serve raises; the default falls back to torch."""
-    if backend == "torch":
-        return False
-    reason = _triton_unsupported(q)
-    if backend == "triton":
-        if reason is not None:
-            raise reason
-        return True
-    # float32 with wide heads spills registers in every tiling (the AOT table).
-    return q.is_cuda and reason is None and not wide_float32(q.dtype, q.shape[-1]) and _triton_installed()
 
 
 def _reads_values(check_values, use_triton, cache_seqlens) -> bool:
@@ -207,7 +179,7 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
     for t0 in range(0, Tq, rows):
         t1 = min(Tq, t0 + rows)
         pos = seqlens.long()[:, None] - Tq + torch.arange(t0, t1, device=q.device)  # [B, rows]
-        visible = keys_visible(pos[:, :, None], key_pos, causal=True, window_size=window_size)
+        visible = visible_keys(pos[:, :, None], key_pos, causal=True, window_size=window_size)
         p, s2, sbar = parallax_weights(qg[:, t0:t1], rg[:, t0:t1], K, visible[:, None, None], scale)
         w = p * (1.0 + sbar - s2)
         out.append(torch.einsum("bkgts,bskd->btkgd", w, V))
@@ -244,9 +216,9 @@ def parallax_attn_with_kvcache(
     Returns [B, Tq, HQ, D] in q's dtype. cache_seqlens is not advanced: the
     caller owns it (add Tq after the call).
     """
-    capacity = _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, backend,
-                         check_values)
-    use_triton = _uses_triton(backend, q)
+    capacity = _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, check_values)
+    # Resolved before anything is written to the cache: an explicit "triton" the kernel cannot serve raises.
+    use_triton = resolve_backend(backend, q, decode_kernel_refuses) == "triton"
     if _reads_values(check_values, use_triton, cache_seqlens):
         _check_values(cache_seqlens, block_table, q.shape[1] if k is not None else 0, capacity, k_cache.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import keys_visible
+from .reference import visible_keys
 
 
 def heads_view(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ def mask_bias(rows: range, keys: range, shift: int, causal: bool, window_size: i
     out = []
     for lo, hi in bands:
         key_pos = torch.arange(lo, hi, device=device)[None, :]
-        visible = keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
+        visible = visible_keys(query_pos, key_pos, causal=causal, window_size=window_size)
         bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
         out.append(MaskBand(bias, slice(lo - keys.start, hi - keys.start)))
     return out

@@ -3,7 +3,7 @@
 `parallax::attn_fwd` returns (o, lse, sbar, mu) and `parallax::attn_bwd` the
 gradients of q, r, k, v; both have fake (meta) implementations, and autograd
 links them. Only o is differentiable: lse, sbar and mu are saved state.
-`window` is -1 for no window. `deterministic` only matters to the backward
+`deterministic` only matters to the backward
 (the forward op takes it so autograd can pass it on): True runs the
 three-launch backward without atomics, False the fused one with float32
 atomics. Triton is imported on first call, so importing this module works
@@ -19,16 +19,17 @@ import torch
 @torch.library.custom_op("parallax::attn_fwd", mutates_args=())
 def attn_fwd(
     q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = True,
+    scale: float, causal: bool, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_parallel_fwd import parallax_fwd
 
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
-    return parallax_fwd(q, r, k, v, scale, causal, window, cu_seqlens)
+    return parallax_fwd(q, r, k, v, scale, causal, window_size, cu_seqlens)
 
 
 @attn_fwd.register_fake
-def _attn_fwd_fake(q, r, k, v, scale, causal, window, cu_seqlens, deterministic=True):
+def _attn_fwd_fake(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic=True):
     B, T, HQ, _ = q.shape
     stats = q.new_empty(B, HQ, T, dtype=torch.float32)
     return torch.empty_like(q), stats, torch.empty_like(stats), torch.empty_like(q)
@@ -38,25 +39,28 @@ def _attn_fwd_fake(q, r, k, v, scale, causal, window, cu_seqlens, deterministic=
 def attn_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     o: torch.Tensor, lse: torch.Tensor, sbar: torch.Tensor, mu: torch.Tensor,
-    scale: float, causal: bool, window: int, cu_seqlens: Optional[torch.Tensor], deterministic: bool = True,
+    scale: float, causal: bool, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_parallel_bwd import parallax_bwd
 
     grad_out, q, r, k, v, o, mu = (x.contiguous() for x in (grad_out, q, r, k, v, o, mu))
-    return parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window, cu_seqlens, deterministic)
+    return parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window_size, cu_seqlens,
+                        deterministic)
 
 
 @attn_bwd.register_fake
-def _attn_bwd_fake(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window, cu_seqlens, deterministic=True):
+def _attn_bwd_fake(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window_size, cu_seqlens,
+                   deterministic=True):
     return torch.empty_like(q), torch.empty_like(r), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, r, k, v, scale, causal, window, cu_seqlens, deterministic = inputs
+    q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic = inputs
     o, lse, sbar, mu = output
     ctx.mark_non_differentiable(lse, sbar, mu)
     ctx.save_for_backward(q, r, k, v, o, lse, sbar, mu, cu_seqlens)
-    ctx.args = (scale, causal, window)
+    ctx.args = (scale, causal, window_size)
     ctx.deterministic = deterministic
 
 
@@ -74,5 +78,4 @@ def parallax_triton(q, r, k, v, scale: float, causal: bool, window_size: int | N
     """Parallax attention through the custom op; r=None gives softmax attention
     (a zero probe, at Parallax cost)."""
     probe = torch.zeros_like(q) if r is None else r
-    window = -1 if window_size is None else window_size
-    return attn_fwd(q, probe, k, v, scale, causal, window, cu_seqlens, deterministic)[0]
+    return attn_fwd(q, probe, k, v, scale, causal, window_size, cu_seqlens, deterministic)[0]

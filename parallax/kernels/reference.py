@@ -10,13 +10,15 @@ import torch
 from .checks import check_qkv, check_scale, check_window
 
 
-def visible_keys(T: int, S: int, *, causal: bool, window_size: int | None, device=None) -> torch.Tensor:
-    """Bool [T, S]: whether query i may attend to key j.
+def visible_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, *, causal: bool,
+                 window_size: int | None) -> torch.Tensor:
+    """Whether a query may attend to a key, from broadcastable integer tensors of
+    query positions (in key coordinates) and key positions.
 
-    Queries are end-aligned with the keys (FlashAttention's convention): query i
-    sits at key position i + S - T. Causal keeps j <= i + S - T; a window of W
-    keeps the W most recent of those, j > i + S - T - W (the query's own key
-    included). T=3, S=5 (x = visible):
+    Causal keeps keys at or before the query; a window of W keeps the W most
+    recent of those (the query's own key included). With T queries end-aligned
+    with S keys (FlashAttention's convention, `end_aligned_positions`), query i
+    sits at key position i + S - T. T=3, S=5 (x = visible):
 
         causal              causal, W=2
         x x x . .           . x x . .
@@ -26,15 +28,6 @@ def visible_keys(T: int, S: int, *, causal: bool, window_size: int | None, devic
     Without `causal`, the window only bounds keys from below (FlashAttention's
     window_size=(W - 1, -1)).
     """
-    query_pos = torch.arange(T, device=device)[:, None] + (S - T)
-    key_pos = torch.arange(S, device=device)[None, :]
-    return keys_visible(query_pos, key_pos, causal=causal, window_size=window_size)
-
-
-def keys_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, *, causal: bool,
-                 window_size: int | None) -> torch.Tensor:
-    """The mask of `visible_keys` from broadcastable integer tensors of query
-    positions (in key coordinates) and key positions."""
     visible = torch.ones(torch.broadcast_shapes(query_pos.shape, key_pos.shape), dtype=torch.bool,
                          device=query_pos.device)
     if causal:
@@ -42,6 +35,11 @@ def keys_visible(query_pos: torch.Tensor, key_pos: torch.Tensor, *, causal: bool
     if window_size is not None:
         visible &= key_pos > query_pos - window_size
     return visible
+
+
+def end_aligned_positions(T: int, S: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions of T queries end-aligned with S keys, [T, 1], and of the keys, [1, S]."""
+    return torch.arange(T, device=device)[:, None] + (S - T), torch.arange(S, device=device)[None, :]
 
 
 def parallax_reference(q, r, k, v, *, scale=None, causal=True, window_size=None):
@@ -66,7 +64,7 @@ def parallax_reference(q, r, k, v, *, scale=None, causal=True, window_size=None)
 
     s1 = torch.einsum("bthd,bshd->bhts", q, k) * scale
     s2 = torch.einsum("bthd,bshd->bhts", r, k)
-    visible = visible_keys(T, S, causal=causal, window_size=window_size, device=q.device)
+    visible = visible_keys(*end_aligned_positions(T, S, q.device), causal=causal, window_size=window_size)
     # Rows with no visible key get finite logits so softmax (and its gradient)
     # stays NaN-free; their weights are zeroed just after.
     has_key = visible.any(dim=-1, keepdim=True)

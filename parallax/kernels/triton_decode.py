@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .window import kernel_window
+
 LOG2E = 1.4426950408889634
 # A split should stream enough keys to amortise writing its partial and
 # loading its query tile (used to cap the shape-based split count).
@@ -345,8 +347,7 @@ def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None,
     if num_splits is None:
         num_splits = default_num_splits(B * HK * num_row_blocks, capacity, config["BLOCK_N"], q.device)
     single = num_splits == 1
-    # Every visible key lies within capacity positions of its query.
-    window = capacity + Tq if window_size is None else min(window_size, capacity + Tq)
+    window = kernel_window(window_size, capacity + Tq)  # the sequence holds at most capacity + Tq keys
 
     out = torch.empty_like(q)
     if single:  # no workspace: the split kernel writes the output

@@ -30,6 +30,7 @@ from .triton_parallel import (
     query_tile_offsets, store_columns, store_tile, tile_phases, tiles_per_head, visible,
 )
 from .triton_parallel_fwd import dot_precision, varlen_args
+from .window import kernel_window
 
 # Elements per program of the D / E reduction: three [rows, BLOCK_D] float32
 # tiles must stay in registers (64 rows at D=256 spilled: AOT table).
@@ -264,7 +265,7 @@ def _parallax_bwd_dq_kernel(
                HEAD_DIM, BLOCK_M, BLOCK_D)
 
 
-def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window: int, cu_seqlens,
+def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window_size: int | None, cu_seqlens,
                  deterministic: bool = False):
     """Contiguous tensors from `parallax_fwd` plus dO -> (dq, dr, dk, dv).
 
@@ -297,10 +298,10 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
     cu, num_seqs, steps = varlen_args(cu_seqlens, q.device)
     is_varlen = cu_seqlens is not None
     common = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, GROUP=HQ // HK, IS_CAUSAL=causal, HAS_WINDOW=window > 0,
+        HEAD_DIM=D, BLOCK_D=block_d, GROUP=HQ // HK, IS_CAUSAL=causal, HAS_WINDOW=window_size is not None,
         IS_VARLEN=is_varlen, DOT_PRECISION=dot_precision(q.dtype),
     )
-    scalars = (scale, T, S, HQ, HK, max(window, 0), num_seqs, steps)
+    scalars = (scale, T, S, HQ, HK, kernel_window(window_size, S), num_seqs, steps)
     if S:
         d_split = dkdv_column_split(block_d)
 

@@ -18,6 +18,7 @@ from .triton_parallel import (
     AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
     search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
+from .window import kernel_window
 
 
 @triton.jit
@@ -122,11 +123,10 @@ def varlen_args(cu_seqlens: torch.Tensor | None, device: torch.device):
     return cu_seqlens, num_seqs, search_steps(num_seqs)
 
 
-def parallax_fwd(q, r, k, v, scale: float, causal: bool, window: int, cu_seqlens):
+def parallax_fwd(q, r, k, v, scale: float, causal: bool, window_size: int | None, cu_seqlens):
     """Contiguous q, r [B, T, HQ, D], k, v [B, S, HK, D] -> (o, lse, sbar, mu).
 
     lse and sbar are float32 [B, HQ, T]; mu = softmax attention output, q's dtype.
-    `window` is -1 for none.
     """
     B, T, HQ, D = q.shape
     S, HK = k.shape[1], k.shape[2]
@@ -144,9 +144,9 @@ def parallax_fwd(q, r, k, v, scale: float, causal: bool, window: int, cu_seqlens
 
     _parallax_fwd_kernel[grid](
         q, r, k, v, o, mu, lse, sbar, cu,
-        scale, T, S, HQ, HK, max(window, 0), num_seqs, steps,
+        scale, T, S, HQ, HK, kernel_window(window_size, S), num_seqs, steps,
         HEAD_DIM=D, BLOCK_D=head_block(D), GROUP=HQ // HK,
-        IS_CAUSAL=causal, HAS_WINDOW=window > 0, IS_VARLEN=is_varlen,
+        IS_CAUSAL=causal, HAS_WINDOW=window_size is not None, IS_VARLEN=is_varlen,
         DOT_PRECISION=dot_precision(q.dtype),
     )
     return o, lse, sbar, mu

@@ -4,7 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..kernels.backend import check_backend
+from ..kernels.checks import check_deterministic, check_window
+
 ATTENTION_KINDS = ("parallax", "softmax")
+# Fields that choose how attention runs, not what the model computes: a
+# checkpoint fits a model whatever their values.
+EXECUTION_FIELDS = ("backend", "deterministic")
 
 
 @dataclass
@@ -15,7 +21,8 @@ class GPTConfig:
     means the SwiGLU default, 8/3 * n_embd rounded up to a multiple of 16.
     parameter_matched=True (softmax only) widens the MLP so the model has the
     parameter count of the Parallax model of the same config; see
-    `matched_mlp_hidden`.
+    `matched_mlp_hidden`. window_size, backend and deterministic go to every
+    attention layer (`ParallaxAttention`, `parallax_attn`).
     """
 
     vocab_size: int = 256
@@ -26,6 +33,8 @@ class GPTConfig:
     block_size: int = 256
     attention: str = "parallax"
     window_size: int | None = None
+    backend: str | None = None
+    deterministic: bool = True
     qk_norm: bool = False
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
@@ -44,8 +53,9 @@ class GPTConfig:
             raise ValueError(f"head dim n_embd / n_head = {self.n_embd // self.n_head} must be even (RoPE)")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})")
-        if self.window_size is not None and self.window_size < 1:
-            raise ValueError(f"window_size must be >= 1 or None, got {self.window_size}")
+        check_window(self.window_size)
+        check_backend(self.backend)
+        check_deterministic(self.deterministic)
 
     @property
     def kv_heads(self) -> int:
@@ -71,6 +81,11 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def architecture(fields: dict) -> dict:
+    """A `GPTConfig.to_dict()` without EXECUTION_FIELDS: what decides the model's parameters and outputs."""
+    return {k: v for k, v in fields.items() if k not in EXECUTION_FIELDS}
 
 
 def count_parameters(config: GPTConfig, *, mlp_hidden: int | None = None) -> int:

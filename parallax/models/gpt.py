@@ -33,6 +33,7 @@ class Block(nn.Module):
         self.attn = ParallaxAttention(
             config.n_embd, config.n_head, num_kv_heads=config.kv_heads, kind=config.attention,
             window_size=config.window_size, qk_norm=config.qk_norm, rope_theta=config.rope_theta,
+            backend=config.backend, deterministic=config.deterministic,
         )
         self.mlp_norm = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config.n_embd, config.resolved_mlp_hidden())

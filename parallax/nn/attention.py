@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from ..kernels.attention import parallax_attn, softmax_attention
-from ..kernels.checks import check_window
+from ..kernels.backend import check_backend
+from ..kernels.checks import check_deterministic, check_scale, check_window
 from ..kernels.decode import parallax_attn_with_kvcache
 from .cache import KVCache
 from .rope import RotaryEmbedding, apply_rope, packed_positions
@@ -22,11 +23,18 @@ class ParallaxAttention(nn.Module):
     qk_norm applies a per-head RMSNorm to q, r and k. Pass a `KVCache` (see
     `new_cache`) to decode incrementally: chunk after chunk through the cache
     gives the outputs of one call on the whole sequence.
+
+    scale multiplies q.k (None: head_dim ** -0.5); window_size, backend and
+    deterministic are those of `parallax_attn`, which every call (training,
+    prefill and decoding through the cache) receives. They are attributes,
+    so they can be changed after construction (a new value is checked by the
+    op on the next call).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
                  kind: str = "parallax", window_size: int | None = None, qk_norm: bool = False,
-                 rope_theta: float = 10000.0, bias: bool = False):
+                 rope_theta: float = 10000.0, bias: bool = False, scale: float | None = None,
+                 backend: str | None = None, deterministic: bool = True):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if kind not in KINDS:
@@ -42,8 +50,12 @@ class ParallaxAttention(nn.Module):
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
             raise ValueError(f"head_dim must be an int >= 1, got {head_dim!r}")
         check_window(window_size)
+        check_scale(scale)
+        check_backend(backend)
+        check_deterministic(deterministic)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.kind, self.window_size = kind, window_size
+        self.kind, self.window_size, self.scale = kind, window_size, scale
+        self.backend, self.deterministic = backend, deterministic
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=bias)
@@ -88,7 +100,6 @@ class ParallaxAttention(nn.Module):
         return y if norm is None else norm(y)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
-                backend: str | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
         layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`); None: the layer's RoPE at the
@@ -115,15 +126,15 @@ class ParallaxAttention(nn.Module):
         if r is not None:
             r = apply_rope(r, cos, sin)
 
+        common = dict(scale=self.scale, window_size=self.window_size, backend=self.backend)
         if cache is not None:
             # Softmax decode is Parallax decode with a zero probe (w = p); the
             # extra FLOPs are free in the bandwidth-bound decode.
             probe = torch.zeros_like(q) if r is None else r
-            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens,
-                                           window_size=self.window_size, backend=backend)
+            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens, **common)
             cache.seqlens += T
         elif r is None:
-            o = softmax_attention(q, k, v, window_size=self.window_size, cu_seqlens=cu_seqlens)
+            o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, deterministic=self.deterministic, **common)
         else:
-            o = parallax_attn(q, r, k, v, window_size=self.window_size, cu_seqlens=cu_seqlens, backend=backend)
+            o = parallax_attn(q, r, k, v, cu_seqlens=cu_seqlens, deterministic=self.deterministic, **common)
         return self.o_proj(o.flatten(-2))

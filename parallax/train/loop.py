@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import GPT, preset
+from ..models.config import architecture
 from .atomic import atomic_write
 from .checkpoint import (
     CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, latest_checkpoint, load_latest_checkpoint, rng_state,
@@ -354,7 +355,7 @@ class Run:
             self.say(f"resumed from {path} at step {self.step}")
 
     def _check_resumable(self, state: dict, path) -> None:
-        saved, mine = state["model_config"], self.raw_model.config.to_dict()
+        saved, mine = architecture(state["model_config"]), architecture(self.raw_model.config.to_dict())
         if saved != mine:
             diff = ", ".join(f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in mine.items() if saved.get(k) != v)
             raise ConfigError("--resume", f"{path} holds a different model ({diff}); pass that run's --model, "

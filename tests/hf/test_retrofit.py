@@ -97,6 +97,23 @@ def test_trained_probe_cache_matches_recompute_and_round_trips(family, tmp_path)
 
 
 @torch.no_grad()
+def test_a_q_k_scale_other_than_head_dim_is_carried_over():
+    """A layer whose `scaling` is not head_dim ** -0.5 (Gemma-style query
+    pre-attention scalars; here patched into a Llama) converts exactly."""
+    model = family_model("llama")
+    x = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    default = model(x).logits
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.scaling = 0.9 / (i + 1)
+    ref = model(x).logits
+    assert (ref - default).abs().max() > 1e-3  # the scale matters
+    to_parallax(model)
+    assert [layer.self_attn.scale for layer in model.model.layers] == [0.9, 0.45]
+    torch.testing.assert_close(model(x, use_cache=False).logits, ref, **TIGHT)
+    torch.testing.assert_close(cached_logits(model, x, prefill=4), ref, **TIGHT)
+
+
+@torch.no_grad()
 def test_a_default_dynamic_cache_is_taken_over_empty_and_refused_filled():
     model = to_parallax(family_model("llama"))
     x = torch.randint(0, VOCAB, (1, 6))

@@ -4,7 +4,7 @@ import torch
 
 from parallax.kernels import blockwise
 from parallax.kernels.dense import mask_bias
-from parallax.kernels.reference import visible_keys
+from parallax.kernels.reference import end_aligned_positions, visible_keys
 
 
 @pytest.mark.parametrize("T, S, causal, window", [
@@ -13,7 +13,7 @@ from parallax.kernels.reference import visible_keys
 ])
 @pytest.mark.parametrize("rows", [1, 3, 64])
 def test_row_blocks_tile_the_rows_and_cover_every_visible_key(T, S, causal, window, rows):
-    visible = visible_keys(T, S, causal=causal, window_size=window)
+    visible = visible_keys(*end_aligned_positions(T, S), causal=causal, window_size=window)
     covered = torch.zeros(T, S, dtype=torch.bool)
     row_count = torch.zeros(T, dtype=torch.long)
     for r, k in blockwise.row_blocks(T, S, rows, causal, window):
@@ -42,7 +42,7 @@ def test_training_shapes_keep_scores_and_long_sequences_recompute():
 def test_mask_bias_of_each_block_is_the_mask(T, S, causal, window):
     """The bias covers the keys some rows of a block see and others do not;
     every other key of the block is seen by every row."""
-    visible = visible_keys(T, S, causal=causal, window_size=window)
+    visible = visible_keys(*end_aligned_positions(T, S), causal=causal, window_size=window)
     for r, k in blockwise.row_blocks(T, S, 4, causal, window):
         block = torch.ones(len(r), len(k), dtype=torch.bool)
         for band in mask_bias(r, k, S - T, causal, window, torch.float64, "cpu"):

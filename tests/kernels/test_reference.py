@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from parallax import parallax_reference
-from parallax.kernels.reference import visible_keys
+from parallax.kernels.reference import end_aligned_positions, visible_keys
 
 from .oracle import mask_f64, max_err, parallax_f64
 
@@ -73,7 +73,8 @@ def test_zero_probe_is_softmax_attention():
 
 def test_visible_keys_draws_the_documented_mask():
     expected = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
-    assert torch.equal(visible_keys(3, 5, causal=True, window_size=2), expected)
+    assert torch.equal(visible_keys(*end_aligned_positions(3, 5), causal=True, window_size=2), expected)
     for causal in (True, False):
         for window in (None, 1, 4):
-            assert torch.equal(visible_keys(6, 9, causal=causal, window_size=window), mask_f64(6, 9, causal, window))
+            assert torch.equal(visible_keys(*end_aligned_positions(6, 9), causal=causal, window_size=window),
+                               mask_f64(6, 9, causal, window))

@@ -111,6 +111,27 @@ def test_packed_sequences_equal_separate_calls():
     assert torch.allclose(packed, torch.cat([layer(a), layer(b)], 1), atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["parallax", "softmax"])
+@pytest.mark.parametrize("scale", [0.7, -0.2])
+def test_scale_multiplies_q_k_in_every_path(kind, scale):
+    """A layer with scale s computes what the default layer computes with W_Q
+    times s / head_dim ** -0.5 (q enters only through q.k): in one call,
+    packed, and decoding through the cache."""
+    layer = make_layer(kind, scale=scale)
+    default = make_layer(kind)
+    with torch.no_grad():
+        default.q_proj.weight.mul_(scale / (DIM // HEADS) ** -0.5)
+    x = torch.randn(1, 9, DIM, dtype=torch.float64)
+    expected = default(x)
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    packed = layer(torch.cat([x, x], 1), cu_seqlens=torch.tensor([0, 9, 18], dtype=torch.int32))
+    assert torch.allclose(packed, torch.cat([expected, expected], 1), atol=1e-12)
+    cache = layer.new_cache(1, 9)
+    assert torch.allclose(torch.cat([layer(x[:, :4], cache=cache), layer(x[:, 4:], cache=cache)], 1), expected,
+                          atol=1e-12)
+    assert not torch.allclose(make_layer(kind)(x), expected, atol=1e-3)  # the scale matters here
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="kind must be one of"):
         ParallaxAttention(DIM, HEADS, kind="linear")
@@ -153,12 +174,12 @@ def test_compiled_layer_with_triton_op_has_no_graph_breaks():
     """torch.compile(fullgraph=True) traces the whole layer around the custom
     op (the Triton interpreter runs it on CPU) and matches eager."""
     torch.manual_seed(0)
-    layer = ParallaxAttention(DIM, HEADS, num_kv_heads=KV_HEADS, window_size=5)
+    layer = ParallaxAttention(DIM, HEADS, num_kv_heads=KV_HEADS, window_size=5, backend="triton")
     torch.nn.init.normal_(layer.r_proj.weight, std=0.1)
     x = torch.randn(1, 13, DIM)
 
     def loss(x):
-        return layer(x, backend="triton").square().sum()
+        return layer(x).square().sum()
 
     compiled = torch.compile(loss, fullgraph=True)
     eager_loss, compiled_loss = loss(x), compiled(x)
