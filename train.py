@@ -10,7 +10,7 @@ import sys
 
 if __name__ == "__main__":
     try:  # Ctrl-C while torch is still importing: one line, no traceback
-        from parallax.train.cli import main
+        from parallax.cli import main
     except KeyboardInterrupt:
         print("train.py: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -2,6 +2,7 @@
 
 Whole runs of the documented commands (torchrun included) are in
 tests/test_docs_commands.py."""
+import dataclasses
 import os
 import socket
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parallax.train.cli import main
+from parallax.cli import main
+from parallax.train.config import TrainConfig, build_parser, flag_name, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress"]
@@ -127,6 +129,8 @@ BAD_FLAGS = [
     (["--device", "cuda:99"], "--device"),  # no machine has it
     (["--threads", "0"], "--threads"),
     (["--dtype", "float8"], "--dtype"),
+    (["--backend", "cuda"], "--backend"),
+    (["--deterministic=no"], "--deterministic"),
     (["--compile=no"], "--compile"),
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**63)], "--seed"),
@@ -134,6 +138,8 @@ BAD_FLAGS = [
     (["--out", a_file], "--out"),
     (["--out", lambda t: a_file(t) + "/sub"], "--out"),
     (["--resume", "--overwrite"], "--overwrite"),
+    (["--export-hf", ""], "--export-hf"),
+    (["--export-hf", a_file], "--export-hf"),
     (["--no-such-flag"], "--no-such-flag"),
 ]
 
@@ -153,6 +159,19 @@ def test_every_bad_flag_exits_2_with_one_line_before_training(tmp_path, capsys, 
     assert len(err) == 1 and err[0].startswith(f"train.py: error: {flag}"), err
     assert "step" not in captured.out  # nothing trained
     assert not out.exists() or not [p.name for p in out.iterdir()]
+
+
+def test_every_field_is_one_flag_with_its_default_and_help():
+    actions = {a.dest: a for a in build_parser()._actions if a.dest != "help"}
+    fields = dataclasses.fields(TrainConfig)
+    assert list(actions) == [f.name for f in fields]
+    for field in fields:
+        action = actions[field.name]
+        assert action.option_strings[0] == flag_name(field.name) and action.default == field.default
+        assert action.help and action.help == field.metadata["help"]
+    assert parse_config([]) == TrainConfig()
+    assert parse_config(["--backend", "torch", "--no-deterministic", "--adamw-lr", "0.01", "--seq-len", "7"]) == \
+        TrainConfig(backend="torch", deterministic=False, embed_lr=0.01, seq_len=7)
 
 
 def test_bad_data_exits_2(tmp_path, capsys):

@@ -5,7 +5,9 @@
 - `to_parallax(model)`: a Llama, Mistral, Qwen2 or Qwen3 model with Parallax
   attention whose probe starts at zero, so its outputs are unchanged.
 - `ParallaxCache`: the KV cache both use (`parallax_attn_with_kvcache` layout).
-- `export_checkpoint`: a train.py checkpoint or run directory to a model directory.
+- `parallax.hf.export` (`python -m parallax.hf.export`): a train.py checkpoint
+  or run directory to a model directory; imported on its own, so that running
+  it as a module finds it not yet imported.
 
 See docs/hf.md.
 """
@@ -16,7 +18,6 @@ except ImportError as e:  # the core library works without it
 
 from .attention import ATTENTION_NAME, ParallaxSelfAttention
 from .cache import ParallaxCache, ParallaxCacheLayer
-from .export import export_checkpoint, save_pretrained_gpt
 from .modeling import ParallaxConfig, ParallaxForCausalLM
 from .retrofit import FAMILIES, to_parallax
 
@@ -28,7 +29,5 @@ __all__ = [
     "ParallaxConfig",
     "ParallaxForCausalLM",
     "ParallaxSelfAttention",
-    "export_checkpoint",
-    "save_pretrained_gpt",
     "to_parallax",
 ]

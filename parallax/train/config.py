@@ -1,15 +1,30 @@
-"""TrainConfig: every knob of a training run, with the defaults of `python train.py`."""
+"""TrainConfig: every flag of `python train.py`, each declared once.
+
+A field is declared with `flag(default, group, help, *checks)`: the dataclass
+field, its validation (`TrainConfig.validate`) and its command-line flag
+(`build_parser`: --field-name, typed by the annotation; a bool gets --x and
+--no-x) all come from that one declaration. A check takes the value and the
+whole config and returns what is wrong, or None; a None value of an optional
+field is not checked. A check that relates two fields sits on the later one.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib.util
 import math
 import re
-import importlib.util
+import typing
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
+from ..kernels.backend import check_backend
+from ..kernels.checks import check_deterministic
 from ..models.config import ATTENTION_KINDS, PRESETS, preset
 from .schedule import SCHEDULES
 
+PROG = "train.py"
 OPTIMIZERS = ("muon", "adamw")
 DTYPES = ("auto", "float32", "bfloat16")
 # Training defaults that depend on the model preset (a field left at None takes the preset's value).
@@ -22,6 +37,8 @@ PRESET_DEFAULTS = {
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 MAX_SEED = 2**63 - 1
 
+Check = Callable[[object, "TrainConfig"], "str | None"]
+
 
 class ConfigError(ValueError):
     """A bad setting; `flag` names the command-line flag it came from."""
@@ -31,51 +48,157 @@ class ConfigError(ValueError):
         self.flag, self.message = flag, message
 
 
+# ---------------------------------------------------------------- checks
+
+def count(low: int) -> Check:
+    def check(value, cfg):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            return f"must be an integer >= {low}, got {value!r}"
+    return check
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Check:
+    def check(value, cfg):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not ok:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            return f"must be a finite number in {interval}, got {value!r}"
+    return check
+
+
+def one_of(choices, what: str) -> Check:
+    def check(value, cfg):
+        if value not in choices:
+            return f"unknown {what} {value!r}; choose from {', '.join(choices)}"
+    return check
+
+
+def at_most(high: int, why: str) -> Check:
+    def check(value, cfg):
+        if value > high:
+            return f"must be at most {why}, got {value}"
+    return check
+
+
+def library(check_fn) -> Check:
+    """The library's own check of an argument it shares with train.py (one message everywhere)."""
+    def check(value, cfg):
+        try:
+            check_fn(value)
+        except (TypeError, ValueError) as e:
+            return str(e)
+    return check
+
+
+def is_known_model(value, cfg):
+    if not (isinstance(value, str) and value.lower() in PRESETS):
+        return f"unknown model {value!r}; choose from {', '.join(PRESETS)}"
+
+
+def matches_attention(value, cfg):
+    if value and cfg.attention != "softmax":
+        return "only applies to --attention softmax (it widens the softmax model to the Parallax parameter count)"
+
+
+def exists(value, cfg):
+    if not Path(value).exists():
+        return f"{value} does not exist"
+
+
+def fits_block(value, cfg):
+    block = preset(cfg.model).block_size
+    if value > block:
+        return f"{value} exceeds the block_size {block} of model {cfg.model!r}"
+
+
+def is_device(value, cfg):
+    if not (isinstance(value, str) and DEVICE_PATTERN.fullmatch(value)):
+        return f"unknown device {value!r}; use auto, cpu, cuda, cuda:N or mps"
+
+
+def is_path(value, cfg):
+    if not (isinstance(value, str) and value.strip()):
+        return "must be a directory path"
+
+
+def not_with_resume(value, cfg):
+    if value and cfg.resume:
+        return "cannot be combined with --resume (continue the run or replace it, not both)"
+
+
+def transformers_installed(value, cfg):
+    if importlib.util.find_spec("transformers") is None:
+        return "needs transformers: pip install 'parallax[hf]'"
+
+
+def flag(default, group: str, help: str, *checks: Check, aliases: tuple[str, ...] = (), metavar: str | None = None):
+    """A TrainConfig field and everything its command-line flag needs."""
+    return dataclasses.field(default=default, metadata=dict(group=group, help=help, checks=checks, aliases=aliases,
+                                                            metavar=metavar))
+
+
+# ---------------------------------------------------------------- the flags
+
 @dataclass
 class TrainConfig:
-    # model
-    model: str = "small"
-    attention: str = "parallax"
-    parameter_matched: bool = False
-    # data
-    data: str | None = None  # None: the Python standard library's sources
-    cache_dir: str | None = None  # None: $PARALLAX_CACHE or ~/.cache/parallax
-    vocab_size: int | None = None  # .bin shards only; None: max token + 1, rounded up to 64
-    # optimisation
-    optimizer: str = "muon"
-    lr: float | None = None  # hidden matrices; None: 0.03 with Muon, 3e-3 with AdamW
-    embed_lr: float = 3e-3  # AdamW lr of embeddings, lm_head and 1-D gains (both optimizers)
-    weight_decay: float = 0.0  # hidden matrices only
-    momentum: float = 0.95  # Muon
-    grad_clip: float = 1.0  # 0 disables
-    schedule: str = "wsd"
-    warmup: int = 30
-    cooldown: float = 0.3  # wsd: fraction of steps in the final linear decay
-    min_lr_ratio: float = 0.0
-    # batches and length of the run (batch_size is per process)
-    batch_size: int = 32
-    seq_len: int | None = None  # None: the preset's (PRESET_DEFAULTS)
-    grad_accum: int = 1
-    steps: int = 600
-    stop_after: int | None = None
-    # evaluation and logging
-    eval_every: int = 150
-    eval_batches: int = 16  # eval uses eval_batches * batch_size fixed val windows
-    log_every: int = 25  # progress lines when stderr is not a terminal
-    ckpt_every: int | None = None  # None: eval_every
-    sample_tokens: int = 300
-    progress: bool = True
-    # system
-    device: str = "auto"
-    threads: int | None = None  # torch CPU threads; None: torch's default
-    dtype: str = "auto"
-    compile: bool = False
-    fsdp: bool = False  # torchrun: shard parameters and optimizer state with FSDP2 instead of DDP
-    seed: int = 0
-    out: str = "runs/default"
-    resume: bool = False
-    overwrite: bool = False  # replace a previous run's outputs in `out`
-    export_hf: str | None = None  # write a transformers model directory here at the end (needs parallax[hf])
+    model: str = flag("small", "model", f"preset: {', '.join(PRESETS)}", is_known_model)
+    attention: str = flag("parallax", "model", " or ".join(ATTENTION_KINDS), one_of(ATTENTION_KINDS, "attention"))
+    parameter_matched: bool = flag(False, "model", "widen a softmax model's MLP to the Parallax model's parameter count",
+                                   matches_attention)
+    data: str | None = flag(None, "data", "text file, directory of text files, or directory of uint16 train/val .bin "
+                            "shards (default: the Python standard library's sources, no download)", exists)
+    cache_dir: str | None = flag(None, "data", "where text corpora are cached (default $PARALLAX_CACHE or "
+                                 "~/.cache/parallax)")
+    vocab_size: int | None = flag(None, "data", ".bin shards: vocabulary size (default: max token + 1, rounded up "
+                                  "to 64)", count(1), at_most(65536, "65536 (uint16 tokens)"))
+    optimizer: str = flag("muon", "optimisation", f"{' or '.join(OPTIMIZERS)} (Muon: hidden matrices; AdamW: "
+                          "embeddings, lm_head, gains)", one_of(OPTIMIZERS, "optimizer"))
+    lr: float | None = flag(None, "optimisation", "lr of hidden matrices (default 0.03 Muon, 3e-3 AdamW)",
+                            number(0, low_open=True))
+    embed_lr: float = flag(3e-3, "optimisation", "AdamW lr of embeddings, lm_head and gains",
+                           number(0, low_open=True), aliases=("--adamw-lr",))
+    weight_decay: float = flag(0.0, "optimisation", "decoupled weight decay of hidden matrices", number(0))
+    momentum: float = flag(0.95, "optimisation", "Muon momentum", number(0, 1, high_open=True))
+    grad_clip: float = flag(1.0, "optimisation", "max gradient norm (0: off)", number(0))
+    schedule: str = flag("wsd", "optimisation", f"{', '.join(SCHEDULES)} (all with linear warmup)",
+                         one_of(SCHEDULES, "schedule"))
+    warmup: int = flag(30, "optimisation", "warmup steps", count(0))
+    cooldown: float = flag(0.3, "optimisation", "wsd: fraction of steps in the final decay", number(0, 1))
+    min_lr_ratio: float = flag(0.0, "optimisation", "final lr / peak lr", number(0, 1))
+    batch_size: int = flag(32, "run", "sequences per step per process", count(1))
+    seq_len: int | None = flag(None, "run", "tokens per sequence, at most the model's block_size (default: the "
+                               "preset's, " + ", ".join(f"{m} {v['seq_len']}" for m, v in PRESET_DEFAULTS.items())
+                               + ")", count(1), fits_block)
+    grad_accum: int = flag(1, "run", "micro-batches per step", count(1))
+    steps: int = flag(600, "run", "optimizer steps of the schedule", count(0))
+    stop_after: int | None = flag(None, "run", "stop at this step of the schedule, checkpoint and exit (continue with "
+                                  "--resume)", count(0))
+    eval_every: int = flag(150, "run", "steps between val evaluations", count(1))
+    eval_batches: int = flag(16, "run", "val batches per evaluation", count(1))
+    ckpt_every: int | None = flag(None, "run", "steps between checkpoints (default: eval-every)", count(1))
+    log_every: int = flag(25, "run", "steps between progress lines off a terminal", count(1))
+    sample_tokens: int = flag(300, "run", "tokens of the final text sample", count(0))
+    progress: bool = flag(True, "run", "show the progress bar")
+    device: str = flag("auto", "system", "auto, cpu, cuda, cuda:N", is_device)
+    threads: int | None = flag(None, "system", "torch CPU threads (default: torch's choice)", count(1))
+    dtype: str = flag("auto", "system", f"{', '.join(DTYPES)} (auto: bf16 autocast on GPU, fp32 on CPU)",
+                      one_of(DTYPES, "dtype"))
+    backend: str | None = flag(None, "system", "attention backend: torch or triton (default: Triton on CUDA, torch "
+                               "elsewhere)", library(check_backend))
+    deterministic: bool = flag(True, "system", "bitwise reproducible Triton backward (--no-deterministic: the fused "
+                               "one, float32 atomics)", library(check_deterministic))
+    compile: bool = flag(False, "system", "torch.compile the model")
+    fsdp: bool = flag(False, "system", "under torchrun, shard the model with FSDP2 instead of replicating it (DDP)")
+    seed: int = flag(0, "system", "seed of the data order, the init and the sample", count(0),
+                     at_most(MAX_SEED, "2**63 - 1"))
+    out: str = flag("runs/default", "system", "output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt",
+                    is_path)
+    resume: bool = flag(False, "system", "continue the run in --out from its checkpoint")
+    overwrite: bool = flag(False, "system", "replace the outputs of a previous run in --out", not_with_resume)
+    export_hf: str | None = flag(None, "system", "after training, write the final checkpoint as a transformers model "
+                                 "into this new or empty directory (AutoModelForCausalLM; see docs/hf.md)",
+                                 is_path, transformers_installed, metavar="DIR")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -95,68 +218,60 @@ class TrainConfig:
         return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError naming the flag of the first bad setting."""
-        def need(ok: bool, flag: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(flag, message)
-
-        def count(value, flag: str, low: int, optional: bool = False) -> None:
-            if optional and value is None:
-                return
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            need(ok, flag, f"must be an integer >= {low}, got {value!r}")
-
-        def number(value, flag: str, low: float, high: float = math.inf, *, low_open: bool = False,
-                   high_open: bool = False, optional: bool = False) -> None:
-            if optional and value is None:
-                return
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-            need(ok, flag, f"must be a finite number in {interval}, got {value!r}")
-
-        need(isinstance(self.model, str) and self.model.lower() in PRESETS, "--model",
-             f"unknown model {self.model!r}; choose from {', '.join(PRESETS)}")
-        need(self.attention in ATTENTION_KINDS, "--attention",
-             f"unknown attention {self.attention!r}; choose from {', '.join(ATTENTION_KINDS)}")
-        need(not self.parameter_matched or self.attention == "softmax", "--parameter-matched",
-             "only applies to --attention softmax (it widens the softmax model to the Parallax parameter count)")
-        need(self.optimizer in OPTIMIZERS, "--optimizer",
-             f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        need(self.schedule in SCHEDULES, "--schedule", f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        need(self.dtype in DTYPES, "--dtype", f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        count(self.steps, "--steps", 0)
-        count(self.stop_after, "--stop-after", 0, optional=True)
-        count(self.batch_size, "--batch-size", 1)
-        count(self.grad_accum, "--grad-accum", 1)
-        seq_len = self.resolved().seq_len
-        count(seq_len, "--seq-len", 1)
-        block = preset(self.model).block_size
-        need(seq_len <= block, "--seq-len", f"{seq_len} exceeds the block_size {block} of model {self.model!r}")
-        count(self.eval_every, "--eval-every", 1)
-        count(self.eval_batches, "--eval-batches", 1)
-        count(self.log_every, "--log-every", 1)
-        count(self.ckpt_every, "--ckpt-every", 1, optional=True)
-        count(self.warmup, "--warmup", 0)
-        number(self.cooldown, "--cooldown", 0, 1)
-        number(self.min_lr_ratio, "--min-lr-ratio", 0, 1)
-        number(self.lr, "--lr", 0, low_open=True, optional=True)
-        number(self.embed_lr, "--embed-lr", 0, low_open=True)
-        number(self.weight_decay, "--weight-decay", 0)
-        number(self.momentum, "--momentum", 0, 1, high_open=True)
-        number(self.grad_clip, "--grad-clip", 0)
-        count(self.sample_tokens, "--sample-tokens", 0)
-        count(self.vocab_size, "--vocab-size", 1, optional=True)
-        need(self.vocab_size is None or self.vocab_size <= 65536, "--vocab-size",
-             f"must be at most 65536 (uint16 tokens), got {self.vocab_size}")
-        need(isinstance(self.device, str) and DEVICE_PATTERN.fullmatch(self.device) is not None, "--device",
-             f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
-        count(self.threads, "--threads", 1, optional=True)
-        count(self.seed, "--seed", 0)
-        need(self.seed <= MAX_SEED, "--seed", f"must be at most 2**63 - 1, got {self.seed}")
-        need(isinstance(self.out, str) and bool(self.out.strip()), "--out", "must be a directory path")
-        need(not (self.resume and self.overwrite), "--overwrite",
-             "cannot be combined with --resume (continue the run or replace it, not both)")
-        need(self.export_hf is None or importlib.util.find_spec("transformers") is not None, "--export-hf",
-             "needs transformers: pip install 'parallax[hf]'")
+        """Raise ConfigError naming the flag of the first bad setting (in declaration order)."""
+        resolved = self.resolved()
+        for field in dataclasses.fields(self):
+            value = getattr(resolved, field.name)
+            if value is None and type(None) in typing.get_args(FIELD_TYPES[field.name]):
+                continue
+            for check in field.metadata["checks"]:
+                problem = check(value, resolved)
+                if problem is not None:
+                    raise ConfigError(flag_name(field.name), problem)
         return self
+
+
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+# ---------------------------------------------------------------- the command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block, the flag first
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+            flag, _, rest = message.partition(": ")
+            message = f"{flag.split('/')[0]}: {rest}"
+        elif message.startswith("unrecognized arguments: "):
+            message = f"{message[len('unrecognized arguments: '):]}: unknown flag (see --help)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's argparse parser, one flag per TrainConfig field."""
+    parser = _Parser(prog=PROG, description="Train a small GPT (Parallax or softmax attention) with Muon.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        hint = FIELD_TYPES[field.name]
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
+        options = dict(dest=field.name, default=field.default, help=meta["help"], metavar=meta["metavar"])
+        if kind is bool:
+            options.update(action=argparse.BooleanOptionalAction)
+            del options["metavar"]
+        elif kind is not str:
+            options.update(type=kind)
+        groups[meta["group"]].add_argument(flag_name(field.name), *meta["aliases"], **options)
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """TrainConfig from train.py's command line, validated; argparse exits 2 on a malformed flag."""
+    return TrainConfig(**vars(build_parser().parse_args(argv))).validate()

@@ -129,7 +129,8 @@ def _claimed_out_dir(cfg: TrainConfig, rank: int, world: int):
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    mc = preset(cfg.model, vocab_size=vocab_size, attention=cfg.attention, parameter_matched=cfg.parameter_matched)
+    mc = preset(cfg.model, vocab_size=vocab_size, attention=cfg.attention, parameter_matched=cfg.parameter_matched,
+                backend=cfg.backend, deterministic=cfg.deterministic)
     return GPT(mc)
 
 
@@ -482,10 +483,6 @@ class Run:
         if finished and cfg.sample_tokens > 0:
             self._write_sample()
         summary = self.summary(finished)
-        if self.main and cfg.export_hf:
-            from ..hf.export import save_pretrained_gpt  # optional extra: imported only when asked for
-
-            self.say(f"exported the model to {save_pretrained_gpt(self.raw_model, cfg.export_hf)} (transformers format)")
         if self.main:
             with atomic_write(self.dir[SUMMARY_NAME]) as f:
                 f.write((json.dumps(summary, indent=1) + "\n").encode())

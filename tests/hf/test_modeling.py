@@ -1,5 +1,4 @@
-"""ParallaxForCausalLM: Auto classes, safetensors round trip, generate() == GPT.generate, export from train.py."""
-import io
+"""ParallaxForCausalLM: Auto classes, safetensors round trip, generate() == GPT.generate."""
 import json
 
 import pytest
@@ -7,9 +6,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from parallax.hf import ParallaxCache, ParallaxConfig, ParallaxForCausalLM
-from parallax.hf.export import main as export_main
-from parallax.models import GPT, GPTConfig
-from parallax.train import TrainConfig, save_checkpoint, train
 
 SHAPE = dict(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=48)
 
@@ -70,37 +66,3 @@ def test_config_and_inputs_are_validated():
     loss = model(x, labels=labels).loss  # transformers' convention: labels are the inputs, shifted inside
     expected = torch.nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
     torch.testing.assert_close(loss, expected)
-
-
-@torch.no_grad()
-def test_export_cli_from_checkpoint_and_run_dir(tmp_path, capsys):
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(**SHAPE))
-    run = tmp_path / "run"
-    run.mkdir()
-    save_checkpoint({"model": gpt.state_dict(), "model_config": gpt.config.to_dict(), "step": 3}, run / "checkpoint.pt")
-    x = torch.randint(0, 64, (1, 8))
-    for source in (run, run / "checkpoint.pt"):
-        out = tmp_path / f"hf-{source.name}"
-        assert export_main([str(source), str(out)]) == 0
-        loaded = AutoModelForCausalLM.from_pretrained(out)
-        assert torch.equal(loaded(x, use_cache=False).logits, gpt(x)[0])
-    assert export_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
-    assert "is not a file" in capsys.readouterr().err
-
-
-def test_train_export_hf_flag_writes_a_loadable_model(tmp_path, one_thread):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_bytes(b"def add(a, b):\n    return a + b\n" * 400)
-    cfg = TrainConfig(model="tiny", data=str(corpus), out=str(tmp_path / "run"), batch_size=4, seq_len=32, steps=3,
-                      warmup=1, eval_every=3, eval_batches=1, sample_tokens=0, progress=False,
-                      export_hf=str(tmp_path / "hf"))
-    stdout = io.StringIO()
-    train(cfg, stdout=stdout)
-    assert "exported the model to" in stdout.getvalue()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    gpt = GPT(GPTConfig(**torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model_config"]))
-    gpt.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"])
-    x = torch.randint(0, 256, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(loaded(x, use_cache=False).logits, gpt(x)[0])

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
+from parallax.cli import main
 from parallax.train import checkpoint as checkpoint_module
-from parallax.train.cli import main
 from parallax.train.runlog import RunLog, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")

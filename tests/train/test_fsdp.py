@@ -23,7 +23,7 @@ def test_fsdp_run_matches_ddp_run(tmp_path):
 
 
 def test_fsdp_without_torchrun_exits_2_naming_the_flag(tmp_path, capsys, monkeypatch):
-    from parallax.train.cli import main
+    from parallax.cli import main
 
     monkeypatch.setenv("PARALLAX_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "t.txt"
