@@ -23,20 +23,19 @@ install) and fla's one-step Parallax decode (fla >= 0.6:
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.environment import describe, results_path, save  # noqa: E402
+from benchmarks.baselines import FA2_KVCACHE, FA3_KVCACHE, FLA_DECODE, find, sdpa_flash  # noqa: E402
+from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.timing import WARMUP_CALLS, l2_flush, measure  # noqa: E402
 from parallax import parallax_attn_with_kvcache  # noqa: E402
 from parallax.kernels.triton_decode import default_num_splits, launch_config  # noqa: E402
 
@@ -46,7 +45,7 @@ HEADS = ((8, 8), (32, 8))  # (HQ, HK)
 BATCHES = (1, 32)
 LENGTHS = (512, 1024, 4096, 16384, 65536)
 CAPACITY_ROWS = ((4096, 32768),)  # (filled length L, capacity)
-L2_FLUSH_BYTES = 256 << 20
+COPY_REPEATS = 20
 PASS_FRACTION = 0.85  # of the copy bandwidth, for caches of PASS_MIN_BYTES and more
 PASS_MIN_BYTES = 256e6
 # bf16 output: a few units of its last place at the output's scale; a wrong
@@ -120,23 +119,13 @@ def parallax_kernel() -> Kernel:
     return Kernel("parallax", "parallax_attn_with_kvcache (Triton, appends)", "parallax", make_step)
 
 
-def find_fa2() -> Kernel:
-    try:
-        from flash_attn import flash_attn_with_kvcache
-    except ImportError:
+def fa2_kernel() -> Kernel:
+    found = find(FA2_KVCACHE)
+    if found.fn is None:
         def make_sdpa_step(c: Case):
-            return lambda: sdpa_flash(c.q, c.k_cache[:, : c.L], c.v_cache[:, : c.L])
+            return lambda: sdpa_flash(c.q, c.k_cache[:, : c.L], c.v_cache[:, : c.L], causal=False)
         return Kernel("FA2", "PyTorch SDPA flash backend on the cache slice (no append)", "softmax", make_sdpa_step)
-    return Kernel("FA2", "flash_attn.flash_attn_with_kvcache (appends)", "softmax", kvcache_step(flash_attn_with_kvcache))
-
-
-def sdpa_flash(q, k, v):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           enable_gqa=q.shape[2] != k.shape[2])
-    return o.transpose(1, 2)
+    return Kernel("FA2", f"{found.source} (appends)", "softmax", kvcache_step(found.fn))
 
 
 def kvcache_step(fn):
@@ -149,34 +138,24 @@ def kvcache_step(fn):
     return make_step
 
 
-def find_fa3() -> Kernel:
-    """FA3's `flash_attn_with_kvcache`: the fa3-fwd wheel names its module
-    `fa3_fwd_interface`; a FlashAttention 3 build installs `flash_attn_interface`."""
-    reasons = []
-    for module in ("fa3_fwd_interface", "flash_attn_interface", "flash_attn_3.flash_attn_interface"):
-        try:
-            fn = importlib.import_module(module).flash_attn_with_kvcache
-        except (ImportError, OSError, AttributeError) as err:  # OSError: a shared library it needs is missing
-            reasons.append(f"{module}: {type(err).__name__}: {err}")
-            continue
-        return Kernel("FA3", f"{module}.flash_attn_with_kvcache (appends)", "softmax", kvcache_step(fn))
-    return Kernel("FA3", "not found (" + "; ".join(reasons) + ")", "softmax")
+def fa3_kernel() -> Kernel:
+    found = find(FA3_KVCACHE)
+    if found.fn is None:
+        return Kernel("FA3", found.source, "softmax")
+    return Kernel("FA3", f"{found.source} (appends)", "softmax", kvcache_step(found.fn))
 
 
-def find_fla() -> Kernel:
-    """fla's one-step Parallax decode. fla 0.6 keeps it in `fla.ops.parallax.decode`
-    (not exported from `fla.ops.parallax`). It reads a contiguous [B, L] cache
-    and does not append."""
-    try:
-        from fla.ops.parallax.decode import parallax_decode_one_step
-    except (ImportError, OSError) as err:
-        return Kernel("fla", f"not found ({type(err).__name__}: {err})", "parallax")
+def fla_kernel() -> Kernel:
+    """fla's one-step Parallax decode; it reads a contiguous [B, L] cache and does not append."""
+    found = find(FLA_DECODE)
+    if found.fn is None:
+        return Kernel("fla", found.source, "parallax")
 
     def make_step(c: Case):
         k, v = c.contiguous_cache()  # outside the timing; the same bytes as the others read
-        return lambda: parallax_decode_one_step(c.q, c.r, k, v)
+        return lambda: found.fn(c.q, c.r, k, v)
 
-    return Kernel("fla", "fla.ops.parallax.decode.parallax_decode_one_step (no append)", "parallax", make_step)
+    return Kernel("fla", f"{found.source} (no append)", "parallax", make_step)
 
 
 # ---- correctness before timing ----
@@ -212,8 +191,10 @@ def probe_matters(references: dict) -> bool:
 
 # ---- timing ----
 
-def time_graph(step, replays: int, flush: torch.Tensor | None) -> float:
-    """Median seconds of one replay of `step` captured in a CUDA graph."""
+def time_graph(step, replays: int, flush) -> float:
+    """Median seconds of one replay of `step` captured in a CUDA graph, the L2
+    cache flushed before each (a real step follows other layers: the cache is
+    not in L2)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -223,28 +204,16 @@ def time_graph(step, replays: int, flush: torch.Tensor | None) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    times = []
-    for _ in range(replays):
-        if flush is not None:
-            flush.zero_()  # a real step follows other layers: the cache is not in L2
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return measure({"step": graph.replay}, torch.device("cuda"), replays, before_each=flush)["step"].median / 1e3
 
 
 def copy_bandwidth() -> float:
     """Bytes read plus written per second by a 4 GiB device-to-device copy,
     launched eagerly: captured in a CUDA graph the copy becomes a memcpy node
     that ran at 2.7 TB/s on an H200 against 4.2 TB/s launched as a kernel."""
-    import triton.testing
-
     src = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    milliseconds = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    milliseconds = measure({"copy": lambda: dst.copy_(src)}, src.device, COPY_REPEATS)["copy"].median
     return 2 * src.numel() / (milliseconds / 1e3)
 
 
@@ -331,29 +300,29 @@ def main() -> None:
     lengths, replays = ((512, 4096), 30) if args.quick else (args.lengths, args.replays)
     device = torch.device("cuda")
 
-    kernels = [parallax_kernel(), find_fa2(), find_fa3(), find_fla()]
+    kernels = [parallax_kernel(), fa2_kernel(), fa3_kernel(), fla_kernel()]
     for kernel in kernels:
         print(f"{kernel.name}: {kernel.source}")
     copy_bw = copy_bandwidth()
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    flush = l2_flush(device)
     names = [k.name for k in kernels]
     lines = [
         f"# Decode step latency on {torch.cuda.get_device_name()}",
         "",
         describe(device, ("fla-core", "fa3-fwd", "flash-attn")),
         "",
-        f"bf16, D={HEAD_DIM}, one new token per sequence, CUDA-graph replay, median of {replays}, L2 flushed "
-        f"before each replay. Device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write). Each cell: ms "
+        f"bf16, D={HEAD_DIM}, one new token per sequence, CUDA-graph replay, median of {replays} after "
+        f"{WARMUP_CALLS} warm-up replay(s), L2 flushed before each replay (`benchmarks.timing`). "
+        f"Device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write). Each cell: ms "
         "(the L keys and values read, as a fraction of the copy rate). Every cell was checked against the "
         f"float32 torch path (non-zero probe; softmax kernels with a zero probe) on {CHECK_SEQUENCES} sequences "
         "before timing; 'wrong'/'failed' cells were not timed. splits: parallax's key splits (1 = no merge).",
         "",
         *[f"- {k.name}: {k.source}" for k in kernels],
         "",
-        "| B | HQ:HK | L | capacity | cache MB | splits | " + " | ".join(names) + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(names),
     ]
-    verdicts = []
+    header = ["B", "HQ:HK", "L", "capacity", "cache MB", "splits", *names]
+    rows, verdicts = [], []
     for B, HQ, HK, L, capacity in cases(lengths):
         c = make_case(B, HQ, HK, L, capacity)
         cells = measure_shape(c, kernels, replays, flush)
@@ -362,13 +331,13 @@ def main() -> None:
             value = cells.get(name, "")
             row.append(f"{value * 1e3:.4f} ({c.cache_bytes / value / copy_bw:.0%})" if isinstance(value, float)
                        else value)
-        lines.append(f"| {B} | {HQ}:{HK} | {L} | {capacity} | {c.cache_bytes / 1e6:.0f} | {splits(c)} | "
-                     + " | ".join(row) + " |")
-        print(lines[-1], flush=True)
+        rows.append([B, f"{HQ}:{HK}", L, capacity, f"{c.cache_bytes / 1e6:.0f}", splits(c), *row])
+        print(markdown_table(header, rows)[-1], flush=True)
         verdicts += judge(c, cells, copy_bw)
         del c
         torch.cuda.empty_cache()
 
+    lines += markdown_table(header, rows)
     lines += ["", "## Targets", ""] + [f"- {v}" for v in verdicts]
     path = save(results_path("decode", device), lines)
     print("\n".join(lines[-len(verdicts) - 1:]))

@@ -22,9 +22,7 @@ Writes benchmarks/results/generate_<device>.md (or --out).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,8 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.environment import describe, results_path, save  # noqa: E402
+from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.timing import WARMUP_CALLS, Stopwatch, measure  # noqa: E402
 from parallax.models.config import preset  # noqa: E402
 from parallax.models.gpt import GPT  # noqa: E402
 
@@ -56,11 +55,6 @@ def build_model(kind: str, preset_name: str, block_size: int, dtype, device) -> 
             if block.attn.r_proj is not None:
                 torch.nn.init.normal_(block.attn.r_proj.weight, std=0.02)  # a trained-looking probe
     return model.to(device=device, dtype=dtype).eval()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def decode_error(model: GPT, device: torch.device) -> float:
@@ -101,50 +95,41 @@ def check(models: dict, dtype, device) -> list[str]:
     return lines
 
 
-def generate_seconds(model: GPT, prompt: torch.Tensor, new_tokens: int, device) -> tuple[float, float]:
-    """(prefill seconds, seconds of the following new_tokens steps) of one
-    `model.generate(prompt, 1 + new_tokens)`: every step calls
-    `hidden_states` once, so the second call's start splits the two."""
-    marks = []
-    inner = model.hidden_states
-
-    def marked(*args, **kwargs):
-        synchronize(device)
-        marks.append(time.perf_counter())
-        return inner(*args, **kwargs)
-
-    model.hidden_states = marked
-    try:
-        synchronize(device)
-        start = time.perf_counter()
-        model.generate(prompt, 1 + new_tokens, temperature=0)
-        synchronize(device)
-        end = time.perf_counter()
-    finally:
-        del model.hidden_states  # back to the class's method
-    return marks[1] - start, end - marks[1]
-
-
 def generate_times(models: dict, prompt, new_tokens: int, repeats: int, device) -> dict:
-    """{kind: (median prefill s, median decode s)}; the kinds take turns in
-    every repeat so that load from other processes hits them alike."""
-    if device.type == "cuda":
-        for model in models.values():
-            model.generate(prompt, 2, temperature=0)  # compile and autotune
-    runs = {kind: [] for kind in models}
-    for _ in range(repeats):
-        for kind, model in models.items():
-            runs[kind].append(generate_seconds(model, prompt, new_tokens, device))
-    return {kind: tuple(statistics.median(x) for x in zip(*values)) for kind, values in runs.items()}
+    """{kind: (median prefill s, median decode s)} of `model.generate(prompt,
+    1 + new_tokens)`: prefill up to the first new token, decode the following
+    steps. Every step calls `hidden_states` once, so the start of the second
+    call is a lap of the stopwatch."""
+    watch = Stopwatch(device)
+
+    def generate(model):
+        calls = []
+
+        def lapped(*args, **kwargs):
+            if len(calls) == 1:
+                watch.lap()
+            calls.append(None)
+            return type(model).hidden_states(model, *args, **kwargs)
+
+        def run():
+            calls.clear()
+            model.hidden_states = lapped
+            try:
+                model.generate(prompt, 1 + new_tokens, temperature=0)
+            finally:
+                del model.hidden_states  # back to the class's method
+        return run
+
+    times = measure({kind: generate(model) for kind, model in models.items()}, device, repeats, watch=watch)
+    return {kind: tuple(ms / 1e3 for ms in t.lap_medians()) for kind, t in times.items()}
 
 
-def graphed_step_seconds(model: GPT, prompt: torch.Tensor, steps: int) -> float:
-    """Mean seconds of one greedy decode step replayed from a CUDA
-    graph, over `steps` replays after an eager prefill. The step is
-    GPT.hidden_states' loop over the blocks without its host-side length
+def graphed_step_seconds(model: GPT, prompt: torch.Tensor, replays: int) -> float:
+    """Median seconds of one greedy decode step replayed from a CUDA graph
+    after an eager prefill, every replay at the same cache position. The step
+    is GPT.hidden_states' loop over the blocks without its host-side length
     check (which reads the device and cannot be captured)."""
-    warmup = 3
-    caches = model.new_caches(prompt.shape[0], prompt.shape[1] + warmup + steps + 1)
+    caches = model.new_caches(prompt.shape[0], prompt.shape[1] + 1)
     with torch.no_grad():
         token = model.lm_head(model.hidden_states(prompt, caches)[:, -1]).argmax(-1, keepdim=True)
 
@@ -154,21 +139,25 @@ def graphed_step_seconds(model: GPT, prompt: torch.Tensor, steps: int) -> float:
                 x = block(x, cache)
             token.copy_(model.lm_head(model.norm(x)[:, -1]).argmax(-1, keepdim=True))
 
+        prefilled = [cache.seqlens.clone() for cache in caches]
+
+        def rewind():  # each step appends one token; start every run from the prompt
+            for cache, seqlens in zip(caches, prefilled):
+                cache.seqlens.copy_(seqlens)
+
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(warmup):  # compile outside the capture
+            for _ in range(3):  # compile outside the capture
+                rewind()
                 step()
         torch.cuda.current_stream().wait_stream(side)
+        rewind()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            graph.replay()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        timing = measure({"step": graph.replay}, prompt.device, replays, before_each=rewind)["step"]
+        return timing.median / 1e3
 
 
 def main() -> None:
@@ -202,18 +191,19 @@ def main() -> None:
         f"Preset {preset_name!r} ({config.n_layer} layers, width {config.n_embd}, {config.n_head} heads of "
         f"{config.head_dim}, block_size = prompt + {new_tokens + 8}), {str(dtype).replace('torch.', '')}, greedy, "
         f"{new_tokens} "
-        f"new tokens, medians of {args.repeats} interleaved runs of generate(prompt, 1 + new tokens). prefill: "
+        f"new tokens, medians of {args.repeats} interleaved runs of generate(prompt, 1 + new tokens) after "
+        f"{WARMUP_CALLS} warm-up call(s). prefill: "
         "seconds to the first new token; decode: tokens/s (B x new tokens / seconds) of the following steps"
-        + ("; graphed: the decode step replayed from a CUDA graph." if graphed else "."),
+        + ("; graphed: the decode step replayed from a CUDA graph (median of new-tokens replays)." if graphed else "."),
         "",
         *[f"- {line}" for line in checks],
         "",
-        "| B | prompt | " + " | ".join(
-            f"{kind} prefill s | {kind} decode tok/s" + (f" | {kind} graphed tok/s" if graphed else "")
-            for kind in KINDS) + " | parallax / softmax decode |",
-        "|---|---|" + "---|" * (len(KINDS) * (3 if graphed else 2) + 1),
     ]
-    skipped = []
+    header = ["B", "prompt"]
+    for kind in KINDS:
+        header += [f"{kind} prefill s", f"{kind} decode tok/s"] + ([f"{kind} graphed tok/s"] if graphed else [])
+    header.append("parallax / softmax decode")
+    rows, skipped = [], []
     for T in args.prompts:
         # The cache capacity is block_size: fit it to the prompt, as a server would.
         models = {kind: build_model(kind, preset_name, T + new_tokens + 8, dtype, device) for kind in KINDS}
@@ -231,9 +221,9 @@ def main() -> None:
                 cells += [f"{prefill:.3f}", f"{rates[kind]:.0f}"]
                 if graphed:
                     cells.append(f"{B / graphed_step_seconds(model, prompt, new_tokens):.0f}")
-            ratio = rates["parallax"] / rates["softmax"]
-            lines.append(f"| {B} | {T} | " + " | ".join(cells) + f" | {ratio:.2f} |")
-            print(lines[-1], flush=True)
+            rows.append([B, T, *cells, f"{rates['parallax'] / rates['softmax']:.2f}"])
+            print(markdown_table(header, rows)[-1], flush=True)
+    lines += markdown_table(header, rows)
     lines += ["", *[f"- {line}" for line in skipped]] if skipped else []
     path = save(args.out or results_path("generate", device), lines)
     print(f"saved {path}")

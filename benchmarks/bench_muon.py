@@ -3,7 +3,7 @@
 Usage (from the repo root, or anywhere once parallax is installed):
     python -m benchmarks.bench_muon [--quick] [--device cpu|cuda] [--repeats N] [--threads N]
 Writes the markdown table to benchmarks/results/muon_<device>.md and prints it.
-GPU: bf16 at the full shapes, timed with CUDA events. CPU: float32; --quick
+Timed by `benchmarks.timing.measure`. GPU: bf16 at the full shapes. CPU: float32; --quick
 quarters every orthogonalize shape and keeps 2 of the 12 GPT layers so the
 run ends in a minute or two on a small machine; on CPU it quarters the GPT
 matrices too (torch.optim.Muon iterates in bf16, which CPUs without bf16
@@ -17,9 +17,7 @@ import argparse
 import os
 import platform
 import socket
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from benchmarks.environment import markdown_table
+from benchmarks.timing import WARMUP_CALLS, Timing, measure
 from parallax.optim import Muon, orthogonalize
 
 ORTHOGONALIZE_SHAPES = [(1024, 4096), (2048, 8192), (4096, 4096), (768, 3072)]
@@ -37,42 +37,13 @@ GPT_LAYER_SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
 GPT_LAYERS = 12
 
 
-def time_ms(fn, device):
-    """Wall time of one fn() call in milliseconds (CUDA events on GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
-def interleaved_timings(fns, device, repeats):
-    """(median ms, best ms) of each fn; the candidates take turns within every
-    repeat so that load from other processes hits them alike, and the best run
-    is reported too because on a shared machine it is the least disturbed one."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(time_ms(fn, device))
-    return {name: (statistics.median(values), min(values)) for name, values in times.items()}
-
-
 def orthogonalize_rows(device, dtype, scale, repeats):
     rows = []
     for rows_count, cols in ORTHOGONALIZE_SHAPES:
         shape = (rows_count // scale, cols // scale)
         G = torch.randn(shape, device=device, dtype=dtype)
         fns = {m: (lambda m=m: orthogonalize(G, m, 5, compute_dtype=dtype)) for m in METHODS}
-        times = interleaved_timings(fns, device, repeats)
-        rows.append((shape, times))
+        rows.append((shape, measure(fns, device, repeats)))
     return rows
 
 
@@ -95,7 +66,7 @@ def check_against_torch(build, device, layers, scale):
 
 
 def step_times(device, layers, scale, repeats):
-    """Median ms of one optimizer step over the GPT matrices, per optimizer."""
+    """Timing of one optimizer step over the GPT matrices, per optimizer."""
     builders = {
         "torch.optim.Muon": lambda params: torch.optim.Muon(params, lr=0.02),
         "parallax Muon (newton_schulz)": lambda params: Muon(params, lr=0.02),
@@ -111,7 +82,7 @@ def step_times(device, layers, scale, repeats):
     if error > 0.02 * 0.05:  # a few percent of one lr=0.02 step
         raise AssertionError(f"Gram Newton-Schulz Muon differs from torch.optim.Muon by {error}")
     steps = {name: build(gpt_matrices(device, layers, scale)).step for name, build in builders.items()}
-    return interleaved_timings(steps, device, repeats)
+    return measure(steps, device, repeats)
 
 
 def _ddp_worker(rank, world_size, port, layers, scale, repeats, out):
@@ -125,22 +96,18 @@ def _ddp_worker(rank, world_size, port, layers, scale, repeats, out):
         shared.step()
         # Sharing must not change the result: bf16 directions are exact on the wire.
         same = all(torch.equal(a, b) for a, b in zip(alone.param_groups[0]["params"], shared.param_groups[0]["params"]))
-        timings = {"1 rank does all (no process_group)": [], "2 ranks share (process_group)": []}
-        for _ in range(repeats):
-            for name, optimizer in zip(timings, (alone, shared)):
-                dist.barrier()
-                begin = time.perf_counter()
-                optimizer.step()
-                dist.barrier()
-                timings[name].append((time.perf_counter() - begin) * 1e3)
+        # Every rank makes the same calls, so the barriers pair up; a run ends when the slower rank is done.
+        steps = {"1 rank does all (no process_group)": lambda: (alone.step(), dist.barrier()),
+                 "2 ranks share (process_group)": lambda: (shared.step(), dist.barrier())}
+        timings = measure(steps, device, repeats, before_each=dist.barrier)
         if rank == 0:
-            torch.save({"same": same, "timings": timings}, out)
+            torch.save({"same": same, "runs": {name: t.runs for name, t in timings.items()}}, out)
     finally:
         dist.destroy_process_group()
 
 
 def ddp_times(layers, scale, repeats):
-    """(median ms, best ms) of Muon.step on 2 gloo ranks with and without sharing."""
+    """Timing of Muon.step on 2 gloo ranks with and without sharing."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -150,7 +117,7 @@ def ddp_times(layers, scale, repeats):
         result = torch.load(out)
     if not result["same"]:
         raise AssertionError("sharing the orthogonalization across ranks changed the parameters")
-    return {name: (statistics.median(v), min(v)) for name, v in result["timings"].items()}
+    return {name: Timing(runs) for name, runs in result["runs"].items()}
 
 
 def markdown(device, args, ortho_rows, steps, layers, scale, dtype, ddp=None):
@@ -159,50 +126,44 @@ def markdown(device, args, ortho_rows, steps, layers, scale, dtype, ddp=None):
         f"# Muon benchmark ({device.type})",
         "",
         f"Device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"quick={args.quick}; {args.repeats} interleaved runs after one warm-up; times are medians.",
+        f"quick={args.quick}; {args.repeats} interleaved runs after {WARMUP_CALLS} warm-up call(s); times are medians "
+        "(best: the least disturbed run).",
         f"Load average (1 min) at start / end: {args.load_before:.1f} / {os.getloadavg()[0]:.1f} "
         f"on {os.cpu_count()} cores (others' processes share the machine: compare ratios, not times).",
         "",
         f"## orthogonalize, 5 steps, {str(dtype).replace('torch.', '')}",
         "",
-        "| shape | aspect | newton_schulz ms | gram_newton_schulz ms | polar_express ms "
-        "| NS / Gram (median) | NS / Gram (best) |",
-        "|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for shape, t in ortho_rows:
-        aspect = max(shape) / min(shape)
         ns, gram, pe = t["newton_schulz"], t["gram_newton_schulz"], t["polar_express"]
-        lines.append(
-            f"| {shape[0]}x{shape[1]} | {aspect:.0f} | {ns[0]:.1f} | {gram[0]:.1f} | {pe[0]:.1f} "
-            f"| {ns[0] / gram[0]:.2f}x | {ns[1] / gram[1]:.2f}x |"
-        )
-    torch_median, torch_best = steps["torch.optim.Muon"]
+        rows.append([f"{shape[0]}x{shape[1]}", f"{max(shape) / min(shape):.0f}", f"{ns.median:.1f}",
+                     f"{gram.median:.1f}", f"{pe.median:.1f}", f"{ns.median / gram.median:.2f}x",
+                     f"{ns.best / gram.best:.2f}x"])
+    lines += markdown_table(["shape", "aspect", "newton_schulz ms", "gram_newton_schulz ms", "polar_express ms",
+                             "NS / Gram (median)", "NS / Gram (best)"], rows)
     lines += [
         "",
         f"## optimizer step on a 125M GPT's matrices ({layers} of {GPT_LAYERS} layers: "
         f"{', '.join(f'{r // scale}x{c // scale}' for r, c in GPT_LAYER_SHAPES)} each; bf16 Newton-Schulz as torch)",
         "",
-        "| optimizer | median ms | best ms | torch / this (median) | torch / this (best) |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {name} | {median:.1f} | {best:.1f} | {torch_median / median:.2f}x | {torch_best / best:.2f}x |"
-        for name, (median, best) in steps.items()
+        *speedup_table("optimizer", steps, steps["torch.optim.Muon"], "torch / this"),
     ]
     if ddp:
-        alone_median, alone_best = next(iter(ddp.values()))
         lines += [
             "",
             f"## data parallel: Muon.step on 2 gloo ranks, 1 thread each ({layers} GPT layers, bf16 directions on the wire)",
             "",
-            "| path | median ms | best ms | speed-up (median) | speed-up (best) |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {name} | {median:.1f} | {best:.1f} | {alone_median / median:.2f}x | {alone_best / best:.2f}x |"
-            for name, (median, best) in ddp.items()
+            *speedup_table("path", ddp, next(iter(ddp.values())), "speed-up"),
         ]
     return "\n".join(lines) + "\n"
+
+
+def speedup_table(what: str, timings: dict, base: Timing, ratio: str) -> list[str]:
+    """Median and best ms of each, and base's time over each's."""
+    rows = [[name, f"{t.median:.1f}", f"{t.best:.1f}", f"{base.median / t.median:.2f}x", f"{base.best / t.best:.2f}x"]
+            for name, t in timings.items()]
+    return markdown_table([what, "median ms", "best ms", f"{ratio} (median)", f"{ratio} (best)"], rows)
 
 
 def main():

@@ -4,7 +4,7 @@ Usage (from the repo root):
     python -m benchmarks.bench_torch_path [--repeats N] [--threads N] [--seq-lens 128,512,...]
 Forward and forward+backward, float32, causal, B * T = --tokens tokens (8192),
 H = 4 heads of D = 32 (the training preset's attention), T = 128 .. 8192.
-Three implementations, timed in turns within every repeat (medians reported):
+Three implementations, timed in turns within every repeat by `benchmarks.timing.measure` (medians reported):
 `parallax_attn` (backend="torch"), `softmax_attention` (PyTorch SDPA: softmax
 attention, the speed to match) and a naive dense autograd implementation of the
 same Parallax formula (skipped where its score tensors would not fit
@@ -19,16 +19,16 @@ prints it.
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.environment import markdown_table
+from benchmarks.timing import WARMUP_CALLS, measure
 from parallax import parallax_attn, parallax_reference, softmax_attention
 
 HEADS, HEAD_DIM = 4, 32
@@ -113,19 +113,20 @@ def time_case(B, T, impls, repeats):
     """Median forward and forward+backward ms of each impl, taking turns every repeat."""
     inputs = make_inputs(B, T)
     do = torch.randn(B, T, HEADS, HEAD_DIM)
-    fwd, both = {i: [] for i in impls}, {i: [] for i in impls}
-    for rep in range(repeats + 1):  # the first round warms up
-        for impl in impls:
-            start = time.perf_counter()
+
+    def forward(impl):
+        return lambda: run(impl, *inputs)
+
+    def forward_backward(impl):
+        def step():
             out, leaves = run(impl, *inputs)
-            mid = time.perf_counter()
             torch.autograd.grad(out, leaves, do)
-            end = time.perf_counter()
-            del out
-            if rep:
-                fwd[impl].append((mid - start) * 1e3)
-                both[impl].append((end - start) * 1e3)
-    return {i: (statistics.median(fwd[i]), statistics.median(both[i])) for i in impls}
+        return step
+
+    fns = {(impl, which): make(impl)
+           for impl in impls for which, make in (("fwd", forward), ("both", forward_backward))}
+    times = measure(fns, torch.device("cpu"), repeats)
+    return {i: (times[i, "fwd"].median, times[i, "both"].median) for i in impls}
 
 
 def peak_mb(impl, B, T, threads):
@@ -183,26 +184,25 @@ def markdown(rows, args, load_before, load_after):
         f"load average (1/5/15 min) {load_before} before, {load_after} after.",
         "",
         f"float32, causal, B * T = {args.tokens}, H = {HEADS}, D = {HEAD_DIM}; {args.repeats} interleaved "
-        "repeats after one warm-up, medians; forward under autograd (as in training). Peak: RSS high-water "
+        f"repeats after {WARMUP_CALLS} warm-up call(s), medians; forward under autograd (as in training), "
+        "forward+backward timed as a separate call. Peak: RSS high-water "
         "mark of one forward+backward in a fresh process, above the inputs. `-`: naive not run (its "
         f"[B, H, T, T] tensors exceed {args.naive_max_gb} GB)."
         + (" jvp: o = A(q) - dA(q)[r / scale] with torch.func.jvp through SDPA's math backend." if args.jvp else ""),
         "",
-        "| T | B | " + " | ".join(f"{i} fwd ms" for i in shown) + " | " + " | ".join(f"{i} fwd+bwd ms" for i in shown)
-        + " | parallax / SDPA fwd+bwd | parallax / naive fwd+bwd | peak MB " + " / ".join(shown) + " |",
-        "|---|---|" + "---|" * (2 * len(shown) + 3),
     ]
+    header = (["T", "B"] + [f"{i} fwd ms" for i in shown] + [f"{i} fwd+bwd ms" for i in shown]
+              + ["parallax / SDPA fwd+bwd", "parallax / naive fwd+bwd", "peak MB " + " / ".join(shown)])
+    cells = []
     for T, B, times, peaks in rows:
         def ms(impl, which):
             return f"{times[impl][which]:.1f}" if impl in times else "-"
 
         vs_naive = f"{times['parallax'][1] / times['naive'][1]:.2f}x" if "naive" in times else "-"
-        lines.append(
-            f"| {T} | {B} | " + " | ".join(ms(i, 0) for i in shown) + " | " + " | ".join(ms(i, 1) for i in shown)
-            + f" | {times['parallax'][1] / times['sdpa'][1]:.2f}x | {vs_naive} | "
-            + " / ".join(f"{peaks[i]:.0f}" if i in peaks else "-" for i in shown) + " |"
-        )
-    return "\n".join(lines) + "\n"
+        cells.append([T, B, *(ms(i, 0) for i in shown), *(ms(i, 1) for i in shown),
+                      f"{times['parallax'][1] / times['sdpa'][1]:.2f}x", vs_naive,
+                      " / ".join(f"{peaks[i]:.0f}" if i in peaks else "-" for i in shown)])
+    return "\n".join(lines + markdown_table(header, cells)) + "\n"
 
 
 def main():

@@ -7,32 +7,38 @@ bf16, causal, B * T = 16k tokens, 16 query heads, D = 64 and 128, T = 1k to
 16k; rows with 16 KV heads and with 4 (GQA 4:1), and with a window of 1024.
 Each row times the forward and forward + backward, both backwards
 (`deterministic=True`, the default three-launch one, and `deterministic=False`,
-the fused one), with
-`triton.testing.do_bench` (medians, no per-call host overhead in the timed
-region beyond the launches themselves). Before timing, every implementation is
+the fused one), with `benchmarks.timing.measure` (CUDA events, the L2 cache
+flushed before each run; medians of REPEATS runs). Before timing, every implementation is
 checked against the float32 reference on the same inputs, probe non-zero; a
 Parallax mismatch stops the run, a baseline that fails (missing, wrong, or
 raising) gets an empty column and a note instead.
 
 Baselines: FA2 = PyTorch SDPA's flash backend (full causal, no window); FA3
-forward = `flash_attn_func` from `flash_attn_interface` or the fa3-fwd wheel's
-`fa3_fwd_interface` when importable; fla = `fla.ops.parallax.parallel_parallax` when importable. TFLOP/s
+forward = `flash_attn_func` from a FlashAttention 3 install or the fa3-fwd wheel's
+`fa3_fwd_interface` when importable; fla = `fla.ops.parallax.parallel_parallax` when importable
+(`benchmarks.baselines`). TFLOP/s
 use the counts of docs/parallax-math.md: per (batch, head), causal, Parallax
 does 4 L^2 D forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window
 W scales the visible pairs from L^2 / 2 to L W - W^2 / 2. Prints markdown and
-writes it to benchmarks/results/train_kernels_<gpu-name>.md. About 3 minutes
+writes it to benchmarks/results/train_kernels_<gpu_name>.md. About 3 minutes
 on an H100 (`--quick`: T = 1k and 4k only).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import re
 import sys
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.baselines import FA3_FUNC, FLA_PARALLAX, find, sdpa_flash  # noqa: E402
+from benchmarks.environment import markdown_table, save  # noqa: E402
+from benchmarks.timing import WARMUP_CALLS, l2_flush, measure  # noqa: E402
 
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
@@ -47,6 +53,7 @@ KV_HEADS = (16, 4)
 # per rounding); a broken kernel is off by O(1).
 TOLERANCE = 3e-2
 CHECK_LEN = 2048  # the reference is dense: check at most this many tokens
+REPEATS = 50
 
 
 def visible_pairs(L, window):
@@ -59,57 +66,36 @@ def tflops(causal_coefficient, B, L, D, window, ms):
     return causal_coefficient * 2 * visible_pairs(L, window) * D * B * HEADS / (ms * 1e9)
 
 
-def median_ms(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
 # ---------------------------------------------------------------- baselines
 # Each loader returns (callable or None, note). A callable takes
 # (q, r, k, v, window) in [B, T, H, D] layout and returns o, or None when it
 # does not support the shape.
 
 def load_fa2():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     def call(q, r, k, v, window):
-        if window is not None:
-            return None
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
+        return None if window is not None else sdpa_flash(q, k, v, causal=True)
 
     return call, "FA2: SDPA flash backend"
 
 
 def load_fa3():
-    errors = []
-    # The full FA3 build ships flash_attn_interface; the forward-only fa3-fwd wheel fa3_fwd_interface.
-    for name in ("flash_attn_interface", "fa3_fwd_interface"):
-        try:
-            module = importlib.import_module(name)
-            break
-        except ImportError as err:
-            errors.append(str(err))
-    else:
-        return None, f"FA3 not importable ({'; '.join(errors)})"
+    found = find(FA3_FUNC)
+    if found.fn is None:
+        return None, f"FA3 {found.source}"
 
     def call(q, r, k, v, window):
         size = (-1, -1) if window is None else (window - 1, 0)
-        out = module.flash_attn_func(q, k, v, causal=True, window_size=size)
+        out = found.fn(q, k, v, causal=True, window_size=size)
         return out[0] if isinstance(out, tuple) else out
 
-    return call, f"FA3: {module.__name__}.flash_attn_func (forward only)"
+    return call, f"FA3: {found.source} (forward only)"
 
 
 def load_fla():
-    try:
-        from fla.ops.parallax import parallel_parallax
-    except ImportError as err:
-        return None, f"fla not importable ({err})"
+    found = find(FLA_PARALLAX)
+    if found.fn is None:
+        return None, f"fla {found.source}"
+    parallel_parallax = found.fn
     params = inspect.signature(parallel_parallax).parameters
     probe = next((name for name in ("r", "p", "probe") if name in params), None)
     if probe is None or not {"q", "k", "v"} <= set(params):
@@ -179,22 +165,16 @@ def check(name, fn, D, L, HK, window, softmax, grad=True):
 
 # ---------------------------------------------------------------- timing
 
-def time_pair(fn, inputs, grad_out, window, forward_only=False):
-    """(forward ms, forward + backward ms) by do_bench medians."""
-    def forward():
-        return fn(*inputs, window)
-
-    fwd = median_ms(forward)
-    if forward_only:
-        return fwd, None
-
-    def train_step():
-        forward().backward(grad_out)
-
-    return fwd, median_ms(train_step)
+def time_pair(fn, inputs, grad_out, window, flush, forward_only=False):
+    """(forward ms, forward + backward ms or None), medians taking turns."""
+    fns = {"fwd": lambda: fn(*inputs, window)}
+    if not forward_only:
+        fns["fwd+bwd"] = lambda: fn(*inputs, window).backward(grad_out)
+    times = measure(fns, torch.device(DEVICE), REPEATS, before_each=flush)
+    return times["fwd"].median, None if forward_only else times["fwd+bwd"].median
 
 
-def benchmark_rows(baselines, seq_lens, notes):
+def benchmark_rows(baselines, seq_lens, notes, flush):
     from parallax.kernels import parallax_attn
 
     def parallax(deterministic):
@@ -216,11 +196,11 @@ def benchmark_rows(baselines, seq_lens, notes):
                         # A wrong Parallax result ends the run (ValueError).
                         check(f"parallax {key} D={D} T={L} HK={HK} window={window}", parallax(deterministic),
                               D, L, HK, window, softmax=False)
-                        row[key] = time_pair(parallax(deterministic), inputs, grad_out, window)
+                        row[key] = time_pair(parallax(deterministic), inputs, grad_out, window, flush)
                     for name, (fn, forward_only, softmax) in baselines.items():
                         try:
                             err = check(f"{name} D={D} T={L}", fn, D, L, HK, window, softmax, grad=not forward_only)
-                            row[name] = None if err is None else time_pair(fn, inputs, grad_out, window,
+                            row[name] = None if err is None else time_pair(fn, inputs, grad_out, window, flush,
                                                                             forward_only)
                         except Exception as exc:  # a failing baseline loses its column, not the run
                             notes.add(f"{name} skipped at D={D} T={L} HK={HK} window={window}: "
@@ -252,15 +232,15 @@ def markdown(rows, baseline_names, notes):
     lines = [
         f"# Training kernels on {gpu}",
         "",
-        f"bf16, causal, B*T = {TOKENS} tokens, {HEADS} query heads, HK KV heads. Times are "
-        "`triton.testing.do_bench` medians in ms; TFLOP/s by the math doc's counts; 'x vs y' is Parallax "
+        f"bf16, causal, B*T = {TOKENS} tokens, {HEADS} query heads, HK KV heads. Times are medians in ms of "
+        f"{REPEATS} runs after {WARMUP_CALLS} warm-up call(s) (CUDA events, L2 flushed before each run; "
+        "`benchmarks.timing`); TFLOP/s by the math doc's counts; 'x vs y' is Parallax "
         "time over y's time (default backward: three launches, deterministic). 'fused' is the one-launch "
         "backward with float32 atomics (`deterministic=False`).",
         f"torch {torch.__version__}, triton {triton.__version__}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
     ]
+    table = []
     for row in rows:
         D, L, B, window = row["D"], row["L"], row["B"], row["window"]
         fwd, train = row["default"]
@@ -272,9 +252,8 @@ def markdown(rows, baseline_names, notes):
             theirs = row.get(name) or (None, None)
             cells += [fmt(theirs[0]), fmt(ratio(fwd, theirs[0]), ".2f"), fmt(theirs[1]),
                       fmt(ratio(train, theirs[1]), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {note}" for note in sorted(notes)] + [""]
-    return "\n".join(lines)
+        table.append(cells)
+    return lines + markdown_table(header, table) + [""] + [f"- {note}" for note in sorted(notes)]
 
 
 def main():
@@ -292,13 +271,11 @@ def main():
         if fn is not None:
             baselines[name] = (fn, forward_only, softmax)
     print("\n".join(sorted(notes)))
-    rows = benchmark_rows(baselines, (1024, 4096) if args.quick else SEQ_LENS, notes)
-    table = markdown(rows, list(baselines), notes)
-    print(table)
+    rows = benchmark_rows(baselines, (1024, 4096) if args.quick else SEQ_LENS, notes, l2_flush(torch.device(DEVICE)))
+    lines = markdown(rows, list(baselines), notes)
+    print("\n".join(lines))
     name = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower()
-    path = Path(__file__).resolve().parent / "results" / f"train_kernels_{name}.md"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(table)
+    path = save(Path(__file__).resolve().parent / "results" / f"train_kernels_{name}.md", lines)
     print(f"wrote {path}")
 
 

@@ -1,4 +1,4 @@
-"""What every benchmark table states about where it was measured, and where it goes."""
+"""What every benchmark table states about where it was measured, how it is laid out, and where it goes."""
 from __future__ import annotations
 
 import datetime
@@ -41,6 +41,12 @@ def describe(device: torch.device, extra_distributions: tuple[str, ...] = ()) ->
         parts.append(f"{dist} {found}" if found else f"{dist} not installed")
     parts.append(datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     return "; ".join(parts)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines; cells are formatted by str()."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
 def results_path(prefix: str, device: torch.device) -> Path:
