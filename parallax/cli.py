@@ -1,9 +1,9 @@
 """`python train.py`: flags -> TrainConfig -> `train`, then `--export-hf`.
 
-It sits above parallax.train and parallax.hf (which reads train's
-checkpoints), so neither package imports the other's caller; parallax.hf
-is imported only for --export-hf, whose directory is checked before any
-training and written after it, from the run's newest readable checkpoint.
+It sits above parallax.train and parallax.hf: hf reads train's checkpoints,
+so train never imports hf. parallax.hf is imported only for --export-hf,
+whose directory is checked before any training and written after it, from
+the run's newest readable checkpoint.
 
 Every failure prints one line on stderr, never a traceback:
 - status 2: a bad flag, unusable data, --out or --export-hf, or a --resume

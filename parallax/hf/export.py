@@ -34,7 +34,8 @@ from .modeling import ParallaxConfig, ParallaxForCausalLM
 
 PROG = "python -m parallax.hf.export"
 # What save_pretrained writes for our model: config, generation config, and the weights (sharded when large).
-EXPORT_FILE = re.compile(r"(config|generation_config)\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+EXPORT_FILE = re.compile(r"(config|generation_config)\.json|model(-\d+-of-\d+)?\.safetensors"
+                         r"|model\.safetensors\.index\.json")
 # atomic_write's temp files of those, left by an export that was killed.
 EXPORT_TEMP_FILE = re.compile(rf"(?P<name>.+)\.[^.]+{re.escape(TEMP_SUFFIX)}")
 REQUIRED = ("model", "model_config")
@@ -79,8 +80,10 @@ def check_export_dir(out_dir: str | os.PathLike, keep_out_of=()) -> Path:
         raise ExportError(f"{out} is a file, not a directory")
     for path in keep_out_of:
         other = Path(path).resolve()
-        if target == other or target.is_relative_to(other) or other.is_relative_to(target):
-            raise ExportError(f"{out} is {path} or holds it or lies in it; export to a directory of its own")
+        relation = ("is" if target == other else "holds" if other.is_relative_to(target)
+                    else "lies inside" if target.is_relative_to(other) else None)
+        if relation is not None:
+            raise ExportError(f"{out} {relation} {path}; export to a directory of its own")
     if target.is_dir():
         entries = sorted(target.iterdir())
         foreign = [p.name for p in entries if not (_own(p.name) and p.is_file() and not p.is_symlink())]
@@ -149,7 +152,8 @@ def _model(state: dict, path: Path) -> GPT:
         model = GPT(GPTConfig(**fields))
         model.load_state_dict(state["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise ExportError(f"{path}: the weights do not fit its model_config: {' '.join(str(e).split())[:300]}") from None
+        why = " ".join(str(e).split())[:300]
+        raise ExportError(f"{path}: the weights do not fit its model_config: {why}") from None
     return model
 
 
@@ -174,7 +178,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"{PROG}: error: cannot write the export: {e.filename or args.out_dir}: {e.strerror or e}", file=sys.stderr)
+        print(f"{PROG}: error: cannot write the export: {e.filename or args.out_dir}: {e.strerror or e}",
+              file=sys.stderr)
         return 1
     for problem in result.skipped:
         print(f"{PROG}: warning: {problem}; exported the checkpoint before it", file=sys.stderr)

@@ -94,9 +94,10 @@ def to_parallax(model: nn.Module, *, backend: str | None = None, deterministic: 
     with the layer's q.k scale and sliding window, the model's own RoPE (any
     scaling), and a probe that starts at zero: right after conversion the
     logits are the original model's. backend and deterministic (those of
-    `parallax_attn`) are stored in the config and given to every layer. The model's class and config class become the registered
-    Parallax subclasses (same weights, same config values), so
-    `save_pretrained` / `AutoModelForCausalLM.from_pretrained` round-trip it.
+    `parallax_attn`) are stored in the config and given to every layer. The
+    model's class and config class become the registered Parallax subclasses
+    (same weights, same config values), so `save_pretrained` /
+    `AutoModelForCausalLM.from_pretrained` round-trip it.
     """
     family = next((f for f in FAMILIES.values() if type(model) is f.base_model), None)
     if family is None:

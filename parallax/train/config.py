@@ -74,10 +74,10 @@ def one_of(choices, what: str) -> Check:
     return check
 
 
-def at_most(high: int, why: str) -> Check:
+def at_most(high: int, shown: str) -> Check:
     def check(value, cfg):
         if value > high:
-            return f"must be at most {why}, got {value}"
+            return f"must be at most {shown}, got {value}"
     return check
 
 
@@ -144,8 +144,8 @@ def flag(default, group: str, help: str, *checks: Check, aliases: tuple[str, ...
 class TrainConfig:
     model: str = flag("small", "model", f"preset: {', '.join(PRESETS)}", is_known_model)
     attention: str = flag("parallax", "model", " or ".join(ATTENTION_KINDS), one_of(ATTENTION_KINDS, "attention"))
-    parameter_matched: bool = flag(False, "model", "widen a softmax model's MLP to the Parallax model's parameter count",
-                                   matches_attention)
+    parameter_matched: bool = flag(False, "model", "widen a softmax model's MLP to the Parallax model's parameter "
+                                   "count", matches_attention)
     data: str | None = flag(None, "data", "text file, directory of text files, or directory of uint16 train/val .bin "
                             "shards (default: the Python standard library's sources, no download)", exists)
     cache_dir: str | None = flag(None, "data", "where text corpora are cached (default $PARALLAX_CACHE or "

@@ -87,7 +87,8 @@ def test_every_op_and_layer_path_follows_the_rule(monkeypatch, name):
     """Without CUDA or the interpreter an explicit 'triton' fails the same way
     everywhere, and without the triton package too; None runs the torch path."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1\), got q on cpu"):
+    needs_cuda = r"^backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1\), got q on cpu"
+    with pytest.raises(ValueError, match=needs_cuda):
         calls("triton")[name]()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(backend_module, "triton_installed", lambda: False)
