@@ -15,7 +15,6 @@ all resolve it here:
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from typing import Callable
@@ -25,6 +24,7 @@ import torch
 from .resources import wide_float32
 
 BACKENDS = (None, "torch", "triton")
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def check_backend(backend) -> None:
@@ -32,13 +32,8 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of None, 'torch', 'triton', got {backend!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _triton_cannot_run(q: torch.Tensor) -> Exception | None:
-    if not triton_installed():
+    if not TRITON_INSTALLED:
         return ValueError("backend='triton' needs the triton package; use backend='torch' or None")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got q on {q.device}; "

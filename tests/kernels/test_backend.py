@@ -42,7 +42,7 @@ TABLE = [
 
 @pytest.mark.parametrize("backend,q,installed,interpret,refusal,expected", TABLE)
 def test_resolution_table(monkeypatch, backend, q, installed, interpret, refusal, expected):
-    monkeypatch.setattr(backend_module, "triton_installed", lambda: installed)
+    monkeypatch.setattr(backend_module, "TRITON_INSTALLED", installed)
     if interpret:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
@@ -91,7 +91,7 @@ def test_every_op_and_layer_path_follows_the_rule(monkeypatch, name):
     with pytest.raises(ValueError, match=needs_cuda):
         calls("triton")[name]()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(backend_module, "triton_installed", lambda: False)
+    monkeypatch.setattr(backend_module, "TRITON_INSTALLED", False)
     with pytest.raises(ValueError, match=r"^backend='triton' needs the triton package"):
         calls("triton")[name]()
     assert torch.isfinite(calls(None)[name]()).all()
