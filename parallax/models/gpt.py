@@ -9,6 +9,8 @@ from torch import nn
 
 from ..nn import KVCache, ParallaxAttention
 from .config import GPTConfig
+from .cuda_graphs import graphed_decoding
+from .generation import DecodeState, Sampling, cache_capacity, decode, run_eagerly, sample_next
 
 
 class MLP(nn.Module):
@@ -62,7 +64,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        self._graphed_decoding = None  # generate()'s CUDA graphs, kept for the next call
         self.reset_parameters()
+
+    def __getstate__(self):
+        # Copies and pickles leave out generate()'s CUDA graphs (per device, rebuilt on demand).
+        state = super().__getstate__()
+        state["_graphed_decoding"] = None
+        return state
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -100,6 +109,11 @@ class GPT(nn.Module):
         past = 0 if caches is None else int(caches[0].seqlens.max())
         if past + idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {past + idx.shape[1]} exceeds block_size {self.config.block_size}")
+        return self._hidden_states(idx, caches)
+
+    def _hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
+        """hidden_states without its checks, which read the cache lengths back
+        from the device: for callers that know them (generate, a CUDA graph)."""
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
@@ -119,41 +133,63 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, use_cache: bool = True,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
         """Append max_new_tokens sampled tokens to idx [B, T]; returns [B, T + max_new_tokens].
 
-        temperature=0 is greedy decoding; top_k keeps the k most likely tokens.
-        With use_cache the prompt is prefilled into per-layer KV caches and
-        each new token costs one position; without it the whole (cropped)
-        context is recomputed every step. Both give the same tokens: once the
-        sequence outgrows block_size the cache is refilled with the last
-        block_size tokens, exactly the context the recompute path sees.
+        temperature=0 is greedy decoding; top_k keeps the k most likely tokens;
+        sampling draws from `generator` (default: torch's). With use_cache the
+        prompt is prefilled into per-layer KV caches of T + max_new_tokens
+        positions (at most block_size) and each new token costs one position;
+        without it the whole (cropped) context is recomputed every step. Both
+        give the same tokens: once the sequence outgrows block_size the cache
+        is refilled with the last block_size tokens, exactly the context the
+        recompute path sees.
+
+        Nothing is read back from the device per token. On CUDA the decode
+        step (and the refill past block_size) runs from a CUDA graph
+        (cuda_graph=None or True; False: eagerly, the same tokens under greedy
+        decoding); the graphs and their caches are kept on the model for the
+        next call with the same batch size, cache size and sampling settings,
+        until `free_generation_graphs()`.
         """
         _check_generate_args(idx, max_new_tokens, temperature, top_k, self.config.vocab_size)
+        device = self.lm_head.weight.device
+        _check_generator(generator, device)
+        if cuda_graph is None:
+            cuda_graph = use_cache and device.type == "cuda"
+        elif not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+        elif cuda_graph and (device.type != "cuda" or not use_cache):
+            raise ValueError("cuda_graph=True needs the model on a CUDA device and use_cache=True, "
+                             f"got {device.type} and use_cache={use_cache}")
+        if max_new_tokens == 0:
+            return idx
+        sampling = Sampling(temperature, top_k, generator)
         was_training = self.training
         self.eval()
         try:
-            return self._generate(idx, max_new_tokens, temperature, top_k, use_cache, generator)
+            if not use_cache:
+                return self._generate_recomputing(idx, max_new_tokens, sampling)
+            B, T = idx.shape
+            capacity = cache_capacity(T, max_new_tokens, self.config.block_size)
+            if cuda_graph and max_new_tokens > 1:
+                graphs = graphed_decoding(self, B, capacity, T + max_new_tokens, sampling)
+                decode(graphs.state, idx, max_new_tokens, graphs.run)
+                return graphs.state.tokens[:, :T + max_new_tokens].clone()
+            state = DecodeState(self, B, capacity, T + max_new_tokens, sampling)
+            decode(state, idx, max_new_tokens, run_eagerly)
+            return state.tokens
         finally:
             self.train(was_training)
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, use_cache, generator) -> torch.Tensor:
-        block = self.config.block_size
-        caches = self.new_caches(idx.shape[0]) if use_cache else None
-        pending = idx  # tokens not yet in the cache
+    def free_generation_graphs(self) -> None:
+        """Release the CUDA graphs and caches that generate() keeps for its next call."""
+        self._graphed_decoding = None
+
+    def _generate_recomputing(self, idx, max_new_tokens: int, sampling: Sampling) -> torch.Tensor:
         for _ in range(max_new_tokens):
-            if caches is None:
-                h = self.hidden_states(idx[:, -block:])
-            else:
-                if int(caches[0].seqlens.max()) + pending.shape[1] > block:
-                    for cache in caches:
-                        cache.reset()
-                    pending = idx[:, -block:]
-                h = self.hidden_states(pending, caches)
-            logits = self.lm_head(h[:, -1]).float()
-            nxt = _sample(logits, temperature, top_k, generator)
-            idx = torch.cat((idx, nxt), dim=1)
-            pending = nxt
+            h = self.hidden_states(idx[:, -self.config.block_size:])
+            idx = torch.cat((idx, sample_next(self.lm_head(h[:, -1]).float(), sampling)), dim=1)
         return idx
 
 
@@ -175,12 +211,10 @@ def _check_generate_args(idx, max_new_tokens, temperature, top_k, vocab_size: in
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+def _check_generator(generator, device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be None or a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator must be on the model's device type ({device.type}), got {generator.device}")

@@ -151,7 +151,7 @@ def test_generate_restores_the_mode_after_an_error_inside(training, monkeypatch)
         assert not model.training  # generation runs in eval mode
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(model, "hidden_states", fail)
+    monkeypatch.setattr(model, "_hidden_states", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2)
     assert model.training is training
