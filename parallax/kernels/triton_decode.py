@@ -42,6 +42,22 @@ LOG2E = 1.4426950408889634
 # A split should stream enough keys to amortise writing its partial and
 # loading its query tile (used to cap the shape-based split count).
 MIN_TILES_PER_SPLIT = 4
+# The split-count model (`choose_num_splits`), in tiles one program streams
+# while the device is full. First estimates from the H200 decode table (a
+# program's fixed cost and the merge launch are a few microseconds each):
+# recalibrate with bench_decode's split sweep.
+PROGRAM_COST_TILES = 1.0  # loading the query tile, writing the partial
+MERGE_LAUNCH_TILES = 1.0  # the merge kernel starts after the split kernel drains
+MERGE_BLOCK_TILES = 0.5  # each MERGE_SPLIT_BLOCK partials a merge program reads in turn
+MIN_WAVES = 2
+UNSPLIT_PROGRAMS_PER_SM = 0.8  # work of this many programs per SM and more is not split
+# Occupancy of a split program (`programs_per_multiprocessor`).
+SPLIT_CONVERSION_BYTES = 2048
+RESERVED_SHARED_PER_BLOCK = 1024  # CUDA's per-block reservation (sm_80 and later)
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+MAX_REGISTERS_PER_THREAD = 255
+SPLIT_REGISTERS = {(2, 64): 80, (2, 128): 160, (2, 256): 208, (4, 64): 192}  # (element bytes, head dim)
 # Row pairs (q row + r row) per program, capped so the [2 * pairs, D] float32
 # accumulator stays in registers (sm_90 compiles: no spills at these caps).
 MIN_PAIRS = 8  # tl.dot needs at least 16 rows
@@ -290,25 +306,76 @@ def _merge_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_limits(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, shared memory bytes per multiprocessor) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, props.shared_memory_per_multiprocessor
 
 
-def _programs_to_fill(device: torch.device) -> int:
-    """About two waves of programs per streaming multiprocessor; the Triton
-    interpreter (CPU) runs programs one by one, so one is enough there."""
+def split_program_shared_bytes(config: dict, head_dim: int, elem_bytes: int) -> int:
+    """Upper bound on a split program's shared memory (every contiguous-cache
+    row of the AOT table is within it): the K and V tiles of num_stages - 1
+    pipeline buffers, the [q; r] rows of its query tile, conversion scratch."""
+    streamed = 2 * config["BLOCK_N"] * head_dim * elem_bytes * max(1, config["num_stages"] - 1)
+    return streamed + 4 * config["PAIRS"] * head_dim * elem_bytes + SPLIT_CONVERSION_BYTES
+
+
+def split_program_registers(head_dim: int, elem_bytes: int) -> int:
+    """Registers per thread of a split program: the AOT table's most (sm_90 and
+    sm_80, paged and appending included) at the next head dim it compiles."""
+    key = (elem_bytes, max(64, triton.next_power_of_2(head_dim)))
+    return SPLIT_REGISTERS.get(key, MAX_REGISTERS_PER_THREAD)
+
+
+def programs_per_multiprocessor(config: dict, head_dim: int, elem_bytes: int, shared_per_sm: int) -> int:
+    """Split programs one streaming multiprocessor holds at once: bound by
+    shared memory (each block also reserves some), registers and threads."""
+    threads = 32 * config["num_warps"]
+    by_shared = shared_per_sm // (split_program_shared_bytes(config, head_dim, elem_bytes) + RESERVED_SHARED_PER_BLOCK)
+    by_registers = REGISTERS_PER_SM // (threads * split_program_registers(head_dim, elem_bytes))
+    return max(1, min(by_shared, by_registers, THREADS_PER_SM // threads))
+
+
+def choose_num_splits(work: int, key_tiles: int, multiprocessors: int, programs_per_sm: int) -> int:
+    """Splits of the keys for `work` (batch, kv head, row block) programs whose
+    caches hold `key_tiles` tiles of BLOCK_N keys, on a device of
+    `multiprocessors` SMs each holding `programs_per_sm` split programs.
+
+    Work that gives most SMs a whole cache already streams at full rate
+    unsplit. Otherwise the count minimises a modelled time, in tiles one
+    program streams while the device is full: waves x (tiles per split +
+    the program's fixed cost) + the merge (its launch, and the partials each
+    merge program reads in turn). A wave is one program per slot (SMs x
+    programs per SM) and counts as at least MIN_WAVES: with fewer, early
+    finishers leave SMs idle while the last programs stream. Splits keep at
+    least MIN_TILES_PER_SPLIT tiles; ties go to fewer splits.
+    """
+    if work >= UNSPLIT_PROGRAMS_PER_SM * multiprocessors:
+        return 1
+    slots = multiprocessors * programs_per_sm
+
+    def modelled_time(splits: int) -> float:
+        waves = max(MIN_WAVES, math.ceil(work * splits / slots))
+        stream = waves * (math.ceil(key_tiles / splits) + PROGRAM_COST_TILES)
+        if splits == 1:
+            return stream
+        return stream + MERGE_LAUNCH_TILES + MERGE_BLOCK_TILES * math.ceil(splits / MERGE_SPLIT_BLOCK)
+
+    return min(range(1, max(1, key_tiles // MIN_TILES_PER_SPLIT) + 1), key=modelled_time)
+
+
+def default_num_splits(work: int, capacity: int, config: dict, head_dim: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """`choose_num_splits` from shapes and the device only (no host
+    synchronisation; a CUDA graph can capture the launch): the keys each
+    split streams are set on the device from the lengths. The Triton
+    interpreter (CPU) runs programs one by one: one split there."""
     if device.type != "cuda":
         return 1
-    return 2 * _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def default_num_splits(batch_kv_programs: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Splits per sequence from shapes only: enough programs to fill the device,
-    never more than a full cache could give MIN_TILES_PER_SPLIT tiles each.
-    The keys each split streams are set on the device from the lengths."""
-    wanted = max(1, _programs_to_fill(device) // batch_kv_programs)
-    most = max(1, math.ceil(capacity / (MIN_TILES_PER_SPLIT * block_n)))
-    return min(wanted, most)
+    multiprocessors, shared_per_sm = _device_limits(device.index if device.index is not None
+                                                    else torch.cuda.current_device())
+    per_sm = programs_per_multiprocessor(config, head_dim, dtype.itemsize, shared_per_sm)
+    return choose_num_splits(work, triton.cdiv(capacity, config["BLOCK_N"]), multiprocessors, per_sm)
 
 
 def launch_config(head_dim: int, dtype: torch.dtype, group_rows: int) -> dict:
@@ -345,7 +412,7 @@ def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None,
     config = launch_config(D, q.dtype, group_rows)
     num_row_blocks = triton.cdiv(group_rows, config["PAIRS"])
     if num_splits is None:
-        num_splits = default_num_splits(B * HK * num_row_blocks, capacity, config["BLOCK_N"], q.device)
+        num_splits = default_num_splits(B * HK * num_row_blocks, capacity, config, D, q.dtype, q.device)
     single = num_splits == 1
     window = kernel_window(window_size, capacity + Tq)  # the sequence holds at most capacity + Tq keys
 
