@@ -17,8 +17,13 @@ ends the run with an error, a baseline off or failing loses its cell.
 Baselines are found at run time, each optional: FA2 (`flash_attn`'s
 `flash_attn_with_kvcache`, else PyTorch SDPA's flash backend on the cache
 slice), FA3 (the `fa3-fwd` wheel's `fa3_fwd_interface`, or a FlashAttention 3
-install) and fla's one-step Parallax decode (fla >= 0.6:
-`fla.ops.parallax.decode.parallax_decode_one_step`).
+install), fla's one-step Parallax decode (fla >= 0.6:
+`fla.ops.parallax.decode.parallax_decode_one_step`) and the official one, the
+Parallax authors' CuTeDSL kernel (github.com/Yifei-Zuo/Parallax, sm_90; its
+source and the cutlass-dsl wheel from `bash benchmarks/fetch_wheels.sh`, see
+benchmarks/official.py). The table is rewritten after every row, so a run
+cut short keeps the rows it finished. A split sweep follows: B=1 rows timed
+at several split counts against the model's choice (`choose_num_splits`).
 """
 from __future__ import annotations
 
@@ -35,9 +40,10 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 from benchmarks.baselines import FA2_KVCACHE, FA3_KVCACHE, FLA_DECODE, find, sdpa_flash  # noqa: E402
 from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.official import import_official  # noqa: E402
 from benchmarks.timing import WARMUP_CALLS, l2_flush, measure  # noqa: E402
 from parallax import parallax_attn_with_kvcache  # noqa: E402
-from parallax.kernels.triton_decode import default_num_splits, launch_config  # noqa: E402
+from parallax.kernels.triton_decode import default_num_splits, launch_config, triton_decode  # noqa: E402
 
 HEAD_DIM = 128
 DTYPE = torch.bfloat16
@@ -52,6 +58,8 @@ PASS_MIN_BYTES = 256e6
 # mask, head mapping or probe is off by O(1).
 TOLERANCE = 4 * 2.0**-8
 CHECK_SEQUENCES = 2  # the reference runs on this many sequences of each shape
+SWEEP_LENGTHS = (16384, 65536)  # B=1, HQ:HK = 8:8
+SWEEP_SPLITS = (8, 16, 24, 33, 48, 64, 96, 128, 192)
 
 
 @dataclass
@@ -94,9 +102,10 @@ def make_case(B, HQ, HK, L, capacity, device="cuda", dtype=DTYPE, seed=0) -> Cas
     k_cache[:, :L], v_cache[:, :L] = rand(B, L, HK, HEAD_DIM), rand(B, L, HK, HEAD_DIM)
     # Scores of std sigma spread the softmax over about L * exp(-sigma^2) keys:
     # about 16 at every L, so the output (and the probe's covariance term) stays
-    # O(1) instead of shrinking like L^-1/2. r ~ D^-1/2 makes s2 = r.k O(1).
+    # O(1) instead of shrinking like L^-1/2. r ~ 2 D^-1/2 makes s2 = r.k O(1) and moves
+    # the output by several times the tolerance on every draw (r ~ D^-1/2 fell short once).
     q_std = math.sqrt(max(1.0, math.log(L / 16)))
-    q, r = rand(B, 1, HQ, HEAD_DIM, std=q_std), rand(B, 1, HQ, HEAD_DIM, std=HEAD_DIM**-0.5)
+    q, r = rand(B, 1, HQ, HEAD_DIM, std=q_std), rand(B, 1, HQ, HEAD_DIM, std=2 * HEAD_DIM**-0.5)
     seqlens = torch.full((B,), L - 1, dtype=torch.int32, device=device)
     return Case(B, HQ, HK, L, capacity, q, r, k_cache, v_cache, k_cache[:, L - 1 : L].clone(),
                 v_cache[:, L - 1 : L].clone(), seqlens)
@@ -110,6 +119,7 @@ class Kernel:
     source: str  # where it was found, or why it is missing
     computes: str  # "parallax" or "softmax": which reference it must match
     make_step: object = None  # Case -> step callable; None when not available
+    release: object = None  # called after each shape: drop what the kernel keeps of its inputs
 
 
 def parallax_kernel() -> Kernel:
@@ -156,6 +166,28 @@ def fla_kernel() -> Kernel:
         return lambda: found.fn(c.q, c.r, k, v)
 
     return Kernel("fla", f"{found.source} (no append)", "parallax", make_step)
+
+
+def official_kernel() -> Kernel:
+    """The Parallax authors' decode kernel: `parallax_attn_with_kvcache(q, r,
+    k_cache, v_cache, seqused_k=, out=)` in `parallax.cute.parallax_decode`
+    of their package (CuTeDSL, sm_90, bf16/fp16, head dim 64/128, HQ/HK in
+    1/2/4/8). It reads the first seqused_k keys and does not append."""
+    try:
+        module = import_official("parallax.cute.parallax_decode")
+        fn = module.parallax_attn_with_kvcache
+    except Exception as err:  # noqa: BLE001 - missing source, wheel or driver: the column stays blank
+        return Kernel("official", f"not found ({type(err).__name__}: {err})", "parallax")
+
+    def make_step(c: Case):
+        used, out = c.seqlens + 1, torch.empty_like(c.q)
+        return lambda: fn(c.q, c.r, c.k_cache, c.v_cache, seqused_k=used, out=out)
+
+    def release():
+        getattr(module, "_cute_input_cache", {}).clear()  # it keeps every tensor it was given alive
+
+    return Kernel("official", "Yifei-Zuo/Parallax parallax.cute.parallax_decode.parallax_attn_with_kvcache "
+                  "(CuTeDSL, no append)", "parallax", make_step, release)
 
 
 # ---- correctness before timing ----
@@ -257,7 +289,30 @@ def splits(c: Case) -> int:
     group_rows = c.HQ // c.HK  # one query per sequence
     config = launch_config(HEAD_DIM, DTYPE, group_rows)
     row_blocks = -(-group_rows // config["PAIRS"])
-    return default_num_splits(c.B * c.HK * row_blocks, c.capacity, config["BLOCK_N"], c.q.device)
+    return default_num_splits(c.B * c.HK * row_blocks, c.capacity, config, HEAD_DIM, DTYPE, c.q.device)
+
+
+def split_sweep(replays: int, flush) -> list[str]:
+    """B=1 decode timed at several split counts and at the model's choice: the
+    numbers that calibrate `choose_num_splits` (its constants in triton_decode.py)."""
+    header = ["L", *[f"{n} splits" for n in SWEEP_SPLITS], "model's choice", "best"]
+    rows = []
+    for L in SWEEP_LENGTHS:
+        c = make_case(1, 8, 8, L, L)
+        chosen = splits(c)
+        times = {}
+        for n in sorted({*SWEEP_SPLITS, chosen}):
+            times[n] = time_graph(lambda n=n: triton_decode(
+                c.q, c.r, c.k_cache, c.v_cache, c.seqlens, None, k=c.k_new, v=c.v_new, scale=HEAD_DIM**-0.5,
+                window_size=None, num_splits=n), replays, flush)
+        best = min(times, key=times.get)
+        rows.append([L, *[f"{times[n] * 1e3:.4f}" + ("*" if n == chosen else "") for n in SWEEP_SPLITS],
+                     f"{chosen}: {times[chosen] * 1e3:.4f}", f"{best}: {times[best] * 1e3:.4f}"])
+        print(markdown_table(header, rows)[-1], flush=True)
+        del c
+    return ["", "## Split sweep", "",
+            f"B=1, HQ:HK=8:8: parallax's time in ms at each split count (L2 flushed, median of {replays}); "
+            "*: the model's choice.", "", *markdown_table(header, rows)]
 
 
 def judge(c: Case, cells: dict, copy_bw: float) -> list[str]:
@@ -273,6 +328,10 @@ def judge(c: Case, cells: dict, copy_bw: float) -> list[str]:
         fraction = c.cache_bytes / mine / copy_bw
         verdict = "PASS" if fraction >= PASS_FRACTION else "MISS"
         out.append(f"{verdict} {shape}: {fraction:.0%} of the copy bandwidth (target {PASS_FRACTION:.0%})")
+    official = cells.get("official")
+    if isinstance(official, float):
+        verdict = "PASS" if mine <= official else "MISS"
+        out.append(f"{verdict} {shape}: parallax {mine * 1e3:.4f} ms vs official {official * 1e3:.4f} ms (target <=)")
     fla = cells.get("fla")
     if (c.B, c.HQ, c.HK, c.L) == (1, 8, 8, 16384) and isinstance(fla, float):
         speedup = fla / mine
@@ -294,13 +353,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="L = 512 and 4096, 30 replays")
+    parser.add_argument("--prefix", default="decode", help="the table: benchmarks/results/<prefix>_<device>.md")
+    parser.add_argument("--out", type=Path, default=None, help="the table elsewhere")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode measures GPU decode latency and needs a CUDA device; none was found.")
     lengths, replays = ((512, 4096), 30) if args.quick else (args.lengths, args.replays)
     device = torch.device("cuda")
 
-    kernels = [parallax_kernel(), fa2_kernel(), fa3_kernel(), fla_kernel()]
+    kernels = [parallax_kernel(), fa2_kernel(), fa3_kernel(), fla_kernel(), official_kernel()]
     for kernel in kernels:
         print(f"{kernel.name}: {kernel.source}")
     copy_bw = copy_bandwidth()
@@ -309,7 +370,7 @@ def main() -> None:
     lines = [
         f"# Decode step latency on {torch.cuda.get_device_name()}",
         "",
-        describe(device, ("fla-core", "fa3-fwd", "flash-attn")),
+        describe(device, ("fla-core", "fa3-fwd", "flash-attn", "nvidia-cutlass-dsl")),
         "",
         f"bf16, D={HEAD_DIM}, one new token per sequence, CUDA-graph replay, median of {replays} after "
         f"{WARMUP_CALLS} warm-up replay(s), L2 flushed before each replay (`benchmarks.timing`). "
@@ -322,6 +383,7 @@ def main() -> None:
         "",
     ]
     header = ["B", "HQ:HK", "L", "capacity", "cache MB", "splits", *names]
+    path = args.out or results_path(args.prefix, device)
     rows, verdicts = [], []
     for B, HQ, HK, L, capacity in cases(lengths):
         c = make_case(B, HQ, HK, L, capacity)
@@ -335,12 +397,18 @@ def main() -> None:
         print(markdown_table(header, rows)[-1], flush=True)
         verdicts += judge(c, cells, copy_bw)
         del c
+        for kernel in kernels:
+            if kernel.release is not None:
+                kernel.release()
         torch.cuda.empty_cache()
+        save(path, lines + markdown_table(header, rows) + ["", "(run in progress: the rows above are final)"])
 
     lines += markdown_table(header, rows)
     lines += ["", "## Targets", ""] + [f"- {v}" for v in verdicts]
-    path = save(results_path("decode", device), lines)
+    save(path, lines)
     print("\n".join(lines[-len(verdicts) - 1:]))
+    lines += split_sweep(replays, flush)
+    save(path, lines)
     print(f"saved {path}")
 
 

@@ -13,7 +13,12 @@
 #   pytest, pluggy, iniconfig, packaging, pygments
 #                         for `python -m pytest -m gpu` where pytest is not installed
 #   nvidia-cuda-runtime   libcudart.so.13, which fa3-fwd links against; used only if torch does not bring it
-# gpu.sh unpacks a wheel only when its distribution is not installed already.
+# and, for bench_decode's "official" column (the Parallax authors' CuTeDSL decode kernel, sm_90), about 50 MB:
+#   nvidia-cutlass-dsl    4.1.0, the version their pyproject pins, recompressed (LZMA: 58 -> 42 MB, a few minutes)
+#   cuda-bindings         12.9 (cutlass-dsl 4.1 needs cuda-python < 13)
+#   their source          github.com/Yifei-Zuo/Parallax (MIT) at $PARALLAX_REF, without its assets, in
+#                         .whl/Yifei-Zuo-Parallax/ (benchmarks/official.py imports it beside this package)
+# gpu.sh unpacks a wheel only when its distribution is not installed already at the same major version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,11 +33,42 @@ WHEELS=(
     packaging==25.0
     pygments==2.19.2
     nvidia-cuda-runtime==13.5.37
+    nvidia-cutlass-dsl==4.1.0
+    cuda-bindings==12.9.10
 )
+PARALLAX_REF=${PARALLAX_REF:-0cc94e4619fcccf68bf81d4a2e64380dc9c05f9c}
 mkdir -p "$DEST"
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST" "${WHEELS[@]}"
+python3 - "$DEST" "$PARALLAX_REF" <<'EOF'
+import io, sys, tarfile, urllib.request, zipfile
+from pathlib import Path
+
+dest, ref = Path(sys.argv[1]), sys.argv[2]
+source = dest / "Yifei-Zuo-Parallax"
+if (source / "REF").is_file():
+    print(f"{source}: {(source / 'REF').read_text().strip()} already there (remove it to fetch another)")
+else:
+    url = f"https://codeload.github.com/Yifei-Zuo/Parallax/tar.gz/{ref}"
+    with tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url).read())) as tar:
+        members = [m for m in tar.getmembers() if "/" in m.name and m.name.split("/")[1] != "assets"]
+        for m in members:
+            m.name = m.name.split("/", 1)[1]
+        tar.extractall(source, members=members, filter="data")
+    (source / "REF").write_text(ref + "\n")
+    print(f"{source}: {url}")
+for wheel in dest.glob("nvidia_cutlass_dsl-*.whl"):
+    with zipfile.ZipFile(wheel) as old:
+        if all(i.compress_type == zipfile.ZIP_LZMA for i in old.infolist()):
+            continue
+        packed = wheel.with_suffix(".lzma")
+        with zipfile.ZipFile(packed, "w", zipfile.ZIP_LZMA) as new:
+            for info in old.infolist():
+                new.writestr(info, old.read(info), compress_type=zipfile.ZIP_LZMA)
+    packed.replace(wheel)
+    print(f"{wheel}: recompressed (LZMA)")
+EOF
 ls -l "$DEST"
 du -sh "$DEST"

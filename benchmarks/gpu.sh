@@ -7,13 +7,20 @@
 #     bash benchmarks/gpu.sh              # both parts, one after the other
 #     bash benchmarks/gpu.sh quick        # one short lease: gpu tests (8 processes), bench_decode,
 #                                         # bench_train_kernels --quick, bench_muon --quick
-#     bash benchmarks/gpu.sh decode       # bench_decode alone
+#     bash benchmarks/gpu.sh decode       # under 6 minutes: the decode and generate gpu tests, bench_decode,
+#                                         # bench_generate
+#     bash benchmarks/gpu.sh official     # bench_decode with the official kernel's column (it compiles per
+#                                         # shape), to its own table: decode_official_<device>.md
 #     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
 #
-# Baselines (FA3, fla) and pytest come from the wheels in .whl/, downloaded
-# beforehand with `bash benchmarks/fetch_wheels.sh`: each wheel whose
-# distribution is not installed is unpacked into a temporary directory put on
-# PYTHONPATH (no pip needed). Tables go to benchmarks/results/ (device,
+# Baselines (FA3, fla, the Parallax authors' decode kernel) and pytest come
+# from .whl/, filled beforehand by `bash benchmarks/fetch_wheels.sh`: each
+# wheel whose distribution is not installed at the same major version is
+# unpacked into a temporary directory put on PYTHONPATH (no pip needed); the
+# official kernel's stack (cutlass-dsl, cuda-bindings 12) goes on it for the
+# `official` part only. .whl/ need not travel whole: a part uses the wheels
+# that are there (FA3's and the official kernel's together are about 80 MB).
+# Tables go to benchmarks/results/ (device,
 # versions, date in each), logs to out/gpu-logs/; both are copied to $OUT when
 # it is set. Every step has a time limit so that a part stays under 10
 # minutes; a failing step does not stop the others, and the exit status is
@@ -27,8 +34,8 @@ PARTS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1 | 2 | quick | decode) PARTS+=("$arg") ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode]" >&2; exit 2 ;;
+        1 | 2 | quick | decode | official) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode] [official]" >&2; exit 2 ;;
     esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
@@ -42,34 +49,45 @@ export PYTHONUNBUFFERED=1
 
 unpack_wheels() {
     # Pure-python wheels and fa3-fwd's extension onto PYTHONPATH; the CUDA
-    # runtime wheel aside, used below only if fa3-fwd cannot load without it.
-    local site="$WORK/site" cudart="$WORK/cudart"
+    # runtime wheel aside, used below only if fa3-fwd cannot load without it;
+    # the official kernel's stack aside too (OFFICIAL_PATH), with the paths
+    # its .pth files name, for the `official` part alone: cuda-bindings 12
+    # there hides the machine's own.
+    local site="$WORK/site" cudart="$WORK/cudart" official="$WORK/official"
     shopt -s nullglob
     local wheels=(.whl/*.whl)
     shopt -u nullglob
     if [ ${#wheels[@]} -eq 0 ]; then
         echo "wheels: none in .whl/ (bash benchmarks/fetch_wheels.sh): baselines not installed here stay blank"
     else
-        "$PYTHON" - "$site" "$cudart" "${wheels[@]}" <<'EOF'
+        "$PYTHON" - "$site" "$cudart" "$official" "${wheels[@]}" <<'EOF'
 import importlib.metadata
 import sys
 import zipfile
 from pathlib import Path
 
-site, cudart, *wheels = sys.argv[1:]
+site, cudart, official, *wheels = sys.argv[1:]
+OFFICIAL_STACK = ("nvidia_cutlass_dsl", "cuda_bindings")
 for wheel in wheels:
-    name = Path(wheel).name.split("-")[0]
+    name, version = Path(wheel).name.split("-")[:2]
     try:
         found = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        dest = cudart if name.startswith("nvidia_cuda_runtime") else site
-        zipfile.ZipFile(wheel).extractall(dest)
-        print(f"wheels: {name} unpacked from {wheel}")
-    else:
+        found = None
+    if found is not None and found.split(".")[0] == version.split(".")[0]:
         print(f"wheels: {name} {found} is installed; {wheel} not used")
+        continue
+    dest = cudart if name.startswith("nvidia_cuda_runtime") else official if name in OFFICIAL_STACK else site
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(dest)
+    print(f"wheels: {name} {version} unpacked from {wheel}" + (f" (installed: {found})" if found else ""))
+paths = [official] + [str(Path(official) / line.strip()) for pth in Path(official).glob("*.pth")
+                      for line in pth.read_text().splitlines() if line.strip() and not line.startswith(("#", "import"))]
+print(":".join(paths), file=open(Path(official).parent / "official-path", "w"))
 EOF
     fi
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+    OFFICIAL_PATH="$(cat "$WORK/official-path" 2>/dev/null)"
     if ! "$PYTHON" -c "import fa3_fwd_interface" 2>"$WORK/fa3.err" \
             && grep -q "libcudart.so.13" "$WORK/fa3.err" && [ -d "$cudart/nvidia/cu13/lib" ]; then
         export LD_LIBRARY_PATH="$cudart/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -79,13 +97,24 @@ EOF
 
 check_imports() {
     local module
-    for module in torch triton pytest einops fla.ops.parallax.decode fa3_fwd_interface; do
+    for module in torch triton pytest einops transformers fla.ops.parallax.decode fa3_fwd_interface; do
         if "$PYTHON" -c "import $module" 2>"$WORK/import.err"; then
             echo "import $module: ok"
         else
             echo "import $module: FAILED ($(tail -n 1 "$WORK/import.err"))"
         fi
     done
+    if PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" "$PYTHON" -c "
+from importlib.metadata import version
+from benchmarks.official import import_official
+import_official('parallax.cute.parallax_decode')
+print(f'import the official decode kernel: ok (nvidia-cutlass-dsl {version(\"nvidia-cutlass-dsl\")}, '
+      f'cuda-bindings {version(\"cuda-bindings\")})')
+" 2>"$WORK/import.err"; then
+        :
+    else
+        echo "import the official decode kernel: FAILED ($(tail -n 1 "$WORK/import.err"))"
+    fi
 }
 
 STATUS=()
@@ -121,7 +150,7 @@ for part in "${PARTS[@]}"; do
     if [ "$part" = 1 ]; then
         run_step gpu-tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
         run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_generate 120 "$PYTHON" -m benchmarks.bench_generate --device cuda
+        run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda
     elif [ "$part" = quick ]; then
         # Compiling dominates the tests on a fresh machine: spread them over processes.
         run_step gpu-tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 --continue-on-collection-errors
@@ -129,7 +158,15 @@ for part in "${PARTS[@]}"; do
         run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
         run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
     elif [ "$part" = decode ]; then
-        run_step bench_decode 150 "$PYTHON" -m benchmarks.bench_decode
+        run_step gpu-tests-decode 50 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
+            tests/kernels/test_decode.py tests/models/test_generation.py \
+            tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate
+        run_step bench_decode 120 "$PYTHON" -m benchmarks.bench_decode
+        run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda
+    elif [ "$part" = official ]; then
+        # Its own table: FA3's wheels and the official kernel's may not travel together.
+        run_step bench_decode_official 540 env PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" \
+            "$PYTHON" -m benchmarks.bench_decode --prefix decode_official
     else
         run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
         run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda
