@@ -15,7 +15,7 @@
 #   nvidia-cuda-runtime   libcudart.so.13, which fa3-fwd links against; used only if torch does not bring it
 # and, for bench_decode's "official" column (the Parallax authors' CuTeDSL decode kernel, sm_90), about 50 MB:
 #   nvidia-cutlass-dsl    4.1.0, the version their pyproject pins, recompressed (LZMA: 58 -> 42 MB, a few minutes)
-#   cuda-bindings         12.9 (cutlass-dsl 4.1 needs cuda-python < 13)
+#   cuda-bindings         12.9 (cutlass-dsl 4.1 needs cuda-python < 13), cuda-pathfinder (its one need)
 #   their source          github.com/Yifei-Zuo/Parallax (MIT) at $PARALLAX_REF, without its assets, in
 #                         .whl/Yifei-Zuo-Parallax/ (benchmarks/official.py imports it beside this package)
 # gpu.sh unpacks a wheel only when its distribution is not installed already at the same major version.
@@ -35,6 +35,7 @@ WHEELS=(
     nvidia-cuda-runtime==13.5.37
     nvidia-cutlass-dsl==4.1.0
     cuda-bindings==12.9.10
+    cuda-pathfinder==1.9.1
 )
 PARALLAX_REF=${PARALLAX_REF:-0cc94e4619fcccf68bf81d4a2e64380dc9c05f9c}
 mkdir -p "$DEST"

@@ -161,11 +161,12 @@ for part in "${PARTS[@]}"; do
         run_step gpu-tests-decode 50 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
             tests/kernels/test_decode.py tests/models/test_generation.py \
             tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate
-        run_step bench_decode 120 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda
+        run_step bench_decode 110 "$PYTHON" -m benchmarks.bench_decode
+        run_step bench_generate 160 "$PYTHON" -m benchmarks.bench_generate --device cuda
     elif [ "$part" = official ]; then
-        # Its own table: FA3's wheels and the official kernel's may not travel together.
-        run_step bench_decode_official 540 env PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" \
+        # Its own table: FA3's wheels and the official kernel's may not travel together. The rows are
+        # saved as they finish: a run stopped by the limit keeps them.
+        run_step bench_decode_official 300 env PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" \
             "$PYTHON" -m benchmarks.bench_decode --prefix decode_official
     else
         run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels

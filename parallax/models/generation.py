@@ -55,7 +55,7 @@ class DecodeState:
 
     def __init__(self, model, batch_size: int, capacity: int, history: int, sampling: Sampling):
         device = model.lm_head.weight.device
-        self.model, self.sampling, self.capacity = model, sampling, capacity
+        self.model, self.sampling = model, sampling
         self.caches = model.new_caches(batch_size, capacity)
         self.tokens = torch.zeros(batch_size, history, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
