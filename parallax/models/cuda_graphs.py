@@ -32,17 +32,29 @@ class StepGraphs:
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _uncached_autocast():
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         generator = self.state.sampling.generator
         if generator is not None:
             graph.register_generator_state(generator)  # the default generator registers itself
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), _uncached_autocast():
             step()
         self.pool = graph.pool()
         self.graphs[name] = graph
+
+
+def _autocast_state() -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+def _uncached_autocast():
+    """Autocast as the caller has it, without its cache of cast weights: the
+    cache is freed when the caller's autocast exits, and a graph would go on
+    reading it (torch's rule for autocast in CUDA graphs)."""
+    enabled, dtype = _autocast_state()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
 
 
 def graphed_decoding(model, batch_size: int, capacity: int, history: int, sampling) -> StepGraphs:
@@ -50,9 +62,9 @@ def graphed_decoding(model, batch_size: int, capacity: int, history: int, sampli
     the last call when it fits (its graphs replay at once, as transformers
     reuses a static cache), else a new one that replaces it. The graphs
     read the weights where they were captured, so moving or replacing a
-    weight makes a new one."""
+    weight makes a new one; so does another autocast setting."""
     weights = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
-    key = (batch_size, capacity, sampling, weights)
+    key = (batch_size, capacity, sampling, weights, _autocast_state())
     kept = model._graphed_decoding
     if kept is not None and kept.key == key and kept.state.tokens.shape[1] >= history:
         return kept

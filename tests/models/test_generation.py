@@ -245,3 +245,18 @@ def test_gpu_generation_does_not_wait_for_the_device_per_token():
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert synchronisations(40) == synchronisations(8)
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_follow_the_callers_autocast():
+    model = probed_model("parallax", dtype=torch.float32, block_size=96, n_embd=128, n_head=4).cuda()
+    prompt = torch.randint(0, 256, (2, 30), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graphed = model.generate(prompt, 50, temperature=0)
+        eager = model.generate(prompt, 50, temperature=0, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+    torch.cuda.empty_cache()  # what autocast cached is gone; the kept graphs must not have read it
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.equal(model.generate(prompt, 50, temperature=0), eager)
+    plain = model.generate(prompt, 50, temperature=0)  # float32 now: new graphs
+    assert torch.equal(plain, model.generate(prompt, 50, temperature=0, cuda_graph=False))
