@@ -121,12 +121,12 @@ def test_decode_steps_never_read_the_device(attention, monkeypatch):
     monkeypatch.setattr(decode_module, "_reads_values", lambda *args: False)
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() during decoding"))
     prompt = torch.randint(0, 256, (2, 5))
-    state = DecodeState(model, 2, cache_capacity(5, 30, 24), 35, Sampling(0.8, 5, torch.Generator().manual_seed(0)))
+    state = DecodeState(model, 2, cache_capacity(5, 24, 24), 29, Sampling(0.8, 5, torch.Generator().manual_seed(0)))
     with torch.no_grad(), HostReads() as reads:
-        decode(state, prompt, 30, run_eagerly)  # 19 steps, then 10 refills
+        decode(state, prompt, 24, run_eagerly)  # 19 steps, then 4 refills
     assert reads.count == 0
     with torch.no_grad():
-        expected = model.generate(prompt, 30, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
+        expected = model.generate(prompt, 24, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(state.tokens, expected)
 
 
