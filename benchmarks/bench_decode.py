@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
 from benchmarks.baselines import FA2_KVCACHE, FA3_KVCACHE, FLA_DECODE, find, sdpa_flash  # noqa: E402
 from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
 from benchmarks.official import import_official  # noqa: E402
-from benchmarks.timing import WARMUP_CALLS, l2_flush, measure  # noqa: E402
+from benchmarks.timing import WARMUP_CALLS, l2_flush, measure, measure_cuda_graph  # noqa: E402
 from parallax import parallax_attn_with_kvcache  # noqa: E402
 from parallax.kernels.triton_decode import default_num_splits, launch_config, triton_decode  # noqa: E402
 
@@ -227,16 +227,7 @@ def time_graph(step, replays: int, flush) -> float:
     """Median seconds of one replay of `step` captured in a CUDA graph, the L2
     cache flushed before each (a real step follows other layers: the cache is
     not in L2)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # compile and autotune outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return measure({"step": graph.replay}, torch.device("cuda"), replays, before_each=flush)["step"].median / 1e3
+    return measure_cuda_graph(step, torch.device("cuda"), replays, before_each=flush).median / 1e3
 
 
 def copy_bandwidth() -> float:

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
-from benchmarks.timing import WARMUP_CALLS, measure  # noqa: E402
+from benchmarks.timing import WARMUP_CALLS, measure, measure_cuda_graph  # noqa: E402
 from parallax.models.config import preset  # noqa: E402
 from parallax.models.gpt import GPT  # noqa: E402
 
@@ -193,18 +193,7 @@ def graphed_step_seconds(model: GPT, prompt: torch.Tensor, replays: int) -> floa
             for cache, seqlens in zip(caches, prefilled):
                 cache.seqlens.copy_(seqlens)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # compile outside the capture
-                rewind()
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        rewind()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return measure({"step": graph.replay}, prompt.device, replays, before_each=rewind)["step"].median / 1e3
+        return measure_cuda_graph(step, prompt.device, replays, before_each=rewind).median / 1e3
 
 
 def judge(rows: list[dict]) -> list[str]:

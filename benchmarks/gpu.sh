@@ -160,7 +160,8 @@ for part in "${PARTS[@]}"; do
     elif [ "$part" = decode ]; then
         run_step gpu-tests-decode 50 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
             tests/kernels/test_decode.py tests/models/test_generation.py \
-            tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate
+            tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate \
+            tests/benchmarks/test_tools.py
         run_step bench_decode 110 "$PYTHON" -m benchmarks.bench_decode
         run_step bench_generate 160 "$PYTHON" -m benchmarks.bench_generate --device cuda
     elif [ "$part" = official ]; then

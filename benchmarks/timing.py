@@ -8,7 +8,8 @@ events on a GPU (recorded on the current stream around the call; the device
 is synchronized once the run is over) and by `time.perf_counter` on a CPU.
 `before_each` (an L2-cache flush, a reset of state the call advances) runs
 before every run, outside the timing. A callable may split its run into laps
-with `Stopwatch.lap` (pass the stopwatch to `measure`).
+with `Stopwatch.lap` (pass the stopwatch to `measure`). `measure_cuda_graph`
+times the replays of a step captured in a CUDA graph the same way.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Callable
 import torch
 
 WARMUP_CALLS = 1
+GRAPH_WARMUP_CALLS = 3  # eager runs before a capture: compilation and autotuning may not happen inside one
 L2_FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 cache
 
 
@@ -88,6 +90,28 @@ def measure(fns: dict[object, Callable[[], object]], device: torch.device, repea
             fn()
             runs[name].append(watch.stop())
     return {name: Timing(values) for name, values in runs.items()}
+
+
+def measure_cuda_graph(step: Callable[[], object], device: torch.device, replays: int, *,
+                       before_each: Callable[[], object] | None = None) -> Timing:
+    """Timing of `replays` replays of `step` captured in a CUDA graph. The step
+    first runs GRAPH_WARMUP_CALLS times eagerly on a side stream (as capturing
+    requires); `before_each` (a flush, a rewind of the state the step advances)
+    runs before each of those runs, the capture and every replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(GRAPH_WARMUP_CALLS):
+            if before_each is not None:
+                before_each()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before_each is not None:
+        before_each()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return measure({"step": graph.replay}, device, replays, before_each=before_each)["step"]
 
 
 def l2_flush(device: torch.device) -> Callable[[], object]:

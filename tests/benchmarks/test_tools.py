@@ -73,3 +73,20 @@ def test_find_takes_the_first_candidate_that_imports_and_says_why_others_did_not
 
 def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, "x"], [2.5, ""]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 |  |"]
+
+
+@pytest.mark.gpu
+def test_measure_cuda_graph_warms_up_captures_without_running_and_times_each_replay():
+    device = torch.device("cuda")
+    counter = torch.zeros((), device=device)
+    before = []
+
+    def step():
+        counter.add_(1)
+
+    t = timing.measure_cuda_graph(step, device, 5, before_each=lambda: before.append(counter.item()))
+    # Eager warm-ups, then measure's warm-up replays and the timed ones; the capture adds nothing.
+    assert counter.item() == timing.GRAPH_WARMUP_CALLS + timing.WARMUP_CALLS + 5
+    assert before == [*range(timing.GRAPH_WARMUP_CALLS), timing.GRAPH_WARMUP_CALLS,
+                      *range(timing.GRAPH_WARMUP_CALLS, counter.item())]
+    assert len(t.runs) == 5 and all(ms > 0 for run in t.runs for ms in run)
