@@ -43,24 +43,12 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$DEST" "${WHEELS[@]}"
-python3 - "$DEST" "$PARALLAX_REF" <<'EOF'
-import io, sys, tarfile, urllib.request, zipfile
+# Recompressed before the source is fetched: a failed fetch leaves the wheels as they will travel.
+python3 - "$DEST" <<'EOF'
+import sys, zipfile
 from pathlib import Path
 
-dest, ref = Path(sys.argv[1]), sys.argv[2]
-source = dest / "Yifei-Zuo-Parallax"
-if (source / "REF").is_file():
-    print(f"{source}: {(source / 'REF').read_text().strip()} already there (remove it to fetch another)")
-else:
-    url = f"https://codeload.github.com/Yifei-Zuo/Parallax/tar.gz/{ref}"
-    with tarfile.open(fileobj=io.BytesIO(urllib.request.urlopen(url).read())) as tar:
-        members = [m for m in tar.getmembers() if "/" in m.name and m.name.split("/")[1] != "assets"]
-        for m in members:
-            m.name = m.name.split("/", 1)[1]
-        tar.extractall(source, members=members, filter="data")
-    (source / "REF").write_text(ref + "\n")
-    print(f"{source}: {url}")
-for wheel in dest.glob("nvidia_cutlass_dsl-*.whl"):
+for wheel in Path(sys.argv[1]).glob("nvidia_cutlass_dsl-*.whl"):
     with zipfile.ZipFile(wheel) as old:
         if all(i.compress_type == zipfile.ZIP_LZMA for i in old.infolist()):
             continue
@@ -70,6 +58,28 @@ for wheel in dest.glob("nvidia_cutlass_dsl-*.whl"):
                 new.writestr(info, old.read(info), compress_type=zipfile.ZIP_LZMA)
     packed.replace(wheel)
     print(f"{wheel}: recompressed (LZMA)")
+EOF
+python3 - "$DEST" "$PARALLAX_REF" <<'EOF'
+import io, sys, tarfile, urllib.error, urllib.request
+from pathlib import Path
+
+dest, ref = Path(sys.argv[1]), sys.argv[2]
+source = dest / "Yifei-Zuo-Parallax"
+if (source / "REF").is_file():
+    print(f"{source}: {(source / 'REF').read_text().strip()} already there (remove it to fetch another)")
+    sys.exit()
+url = f"https://codeload.github.com/Yifei-Zuo/Parallax/tar.gz/{ref}"
+try:
+    archive = urllib.request.urlopen(url).read()
+except OSError as err:  # URLError included
+    sys.exit(f"{url}: {err}\nthe official column needs their source in {source}: rerun where GitHub is reachable")
+with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    members = [m for m in tar.getmembers() if "/" in m.name and m.name.split("/")[1] != "assets"]
+    for m in members:
+        m.name = m.name.split("/", 1)[1]
+    tar.extractall(source, members=members, filter="data")
+(source / "REF").write_text(ref + "\n")
+print(f"{source}: {url}")
 EOF
 ls -l "$DEST"
 du -sh "$DEST"
