@@ -158,7 +158,7 @@ for part in "${PARTS[@]}"; do
         run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
         run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
     elif [ "$part" = decode ]; then
-        run_step gpu-tests-decode 50 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
+        run_step gpu-tests-decode 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
             tests/kernels/test_decode.py tests/models/test_generation.py \
             tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate \
             tests/benchmarks/test_tools.py
