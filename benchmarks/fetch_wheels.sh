@@ -18,7 +18,7 @@
 #   cuda-bindings         12.9 (cutlass-dsl 4.1 needs cuda-python < 13), cuda-pathfinder (its one need)
 #   their source          github.com/Yifei-Zuo/Parallax (MIT) at $PARALLAX_REF, without its assets, in
 #                         .whl/Yifei-Zuo-Parallax/ (benchmarks/official.py imports it beside this package)
-# gpu.sh unpacks a wheel only when its distribution is not installed already at the same major version.
+# gpu.sh unpacks a wheel only when its distribution is not installed (the official stack: at that major version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -15,8 +15,9 @@
 #
 # Baselines (FA3, fla, the Parallax authors' decode kernel) and pytest come
 # from .whl/, filled beforehand by `bash benchmarks/fetch_wheels.sh`: each
-# wheel whose distribution is not installed at the same major version is
-# unpacked into a temporary directory put on PYTHONPATH (no pip needed); the
+# wheel whose distribution is not installed (the official kernel's stack: not
+# at the same major version) is unpacked into a temporary directory put on
+# PYTHONPATH (no pip needed); the
 # official kernel's stack (cutlass-dsl, cuda-bindings 12) goes on it for the
 # `official` part only. .whl/ need not travel whole: a part uses the wheels
 # that are there (FA3's and the official kernel's together are about 80 MB).
@@ -67,14 +68,16 @@ import zipfile
 from pathlib import Path
 
 site, cudart, official, *wheels = sys.argv[1:]
-OFFICIAL_STACK = ("nvidia_cutlass_dsl", "cuda_bindings")
+OFFICIAL_STACK = ("nvidia_cutlass_dsl", "cuda_bindings", "cuda_pathfinder")
 for wheel in wheels:
     name, version = Path(wheel).name.split("-")[:2]
     try:
         found = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         found = None
-    if found is not None and found.split(".")[0] == version.split(".")[0]:
+    # The official stack needs its own major versions (kept off PYTHONPATH but for its part); the rest
+    # is only what the machine lacks, so that an older wheel never hides an installed pytest or packaging.
+    if found is not None and (name not in OFFICIAL_STACK or found.split(".")[0] == version.split(".")[0]):
         print(f"wheels: {name} {found} is installed; {wheel} not used")
         continue
     dest = cudart if name.startswith("nvidia_cuda_runtime") else official if name in OFFICIAL_STACK else site
