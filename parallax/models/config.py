@@ -122,6 +122,9 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=64),
     # the CPU default of `python train.py` (~1M parameters with bytes)
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    # `small` narrowed: the smaller rungs of the CPU scaling study (benchmarks/study)
+    "small-48": dict(n_layer=4, n_head=4, n_embd=48, block_size=256),
+    "small-80": dict(n_layer=4, n_head=4, n_embd=80, block_size=256),
     # GPU presets, named by their non-embedding parameter count (Parallax)
     "20m": dict(n_layer=10, n_head=6, n_embd=384, block_size=1024),
     "125m": dict(n_layer=12, n_head=14, n_embd=896, block_size=1024),
@@ -129,7 +132,7 @@ PRESETS: dict[str, dict] = {
 
 
 def preset(name: str, **overrides) -> GPTConfig:
-    """The named preset ("tiny", "small", "20m", "125m"), with field overrides."""
+    """The named preset (a key of PRESETS), with field overrides."""
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")

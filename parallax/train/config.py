@@ -31,6 +31,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 PRESET_DEFAULTS = {
     "tiny": {"seq_len": 64},
     "small": {"seq_len": 128},
+    "small-48": {"seq_len": 128},
+    "small-80": {"seq_len": 128},
     "20m": {"seq_len": 1024},
     "125m": {"seq_len": 1024},
 }
