@@ -27,12 +27,13 @@ import dataclasses
 import datetime
 import json
 import math
-import multiprocessing as mp
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.study.sweep import next_runs, run_pending
 from parallax.train.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
 
 CELLS = {
@@ -94,17 +95,6 @@ def sweeps_for(sizes, cells) -> list[Sweep]:
         (Sweep(size, cell, wd) for cell in cells for wd in WEIGHT_DECAYS[CELLS[cell]["optimizer"]]), key=rank)]
 
 
-def edge_step(rates, best: float) -> float | None:
-    """The next rate to try when `best` is the lowest or highest of `rates`, else None."""
-    if max(rates) / min(rates) >= MAX_RATE_RANGE:
-        return None
-    if best == min(rates):
-        return best / 2
-    if best == max(rates):
-        return best * 2
-    return None
-
-
 def bpb(row: dict) -> float:
     """A run's final validation bits per byte; a diverged run counts as infinitely bad."""
     return row["val_bpb"] if row.get("val_bpb") is not None else math.inf
@@ -112,20 +102,15 @@ def bpb(row: dict) -> float:
 
 def pending(sweep: Sweep, rows: list[dict], running=frozenset()) -> list[tuple[float, int]]:
     """The (lr, seed) runs `sweep` can start now, given the logged `rows` and the
-    names of the runs in flight: its missing starting rates first; once those
-    are logged, one widening rate or the remaining seeds at the best rate.
-    Empty when the sweep is complete or waits on a run in flight."""
+    names of the runs in flight (a sweep with a run in flight starts only its
+    missing starting rates: what comes after depends on that run)."""
     mine = [r for r in rows if sweep.owns(r)]
-    seed0 = {r["lr"]: bpb(r) for r in mine if r["seed"] == 0}
-    missing = [(lr, 0) for lr in START_RATES[sweep.optimizer] if lr not in seed0]
-    if missing or any(name.startswith(sweep.prefix) for name in running):
-        return [job for job in missing if sweep.run_name(*job) not in running]
-    best = min(sorted(seed0), key=lambda lr: seed0[lr])
-    wider = edge_step(sorted(seed0), best)
-    if wider is not None:
-        return [(wider, 0)]
-    seeded = {r["seed"] for r in mine if r["lr"] == best}
-    return [(best, seed) for seed in SEEDS if seed not in seeded]
+    scores = {r["lr"]: bpb(r) for r in mine if r["seed"] == 0}
+    if any(name.startswith(sweep.prefix) for name in running):
+        return [(lr, 0) for lr in START_RATES[sweep.optimizer]
+                if lr not in scores and sweep.run_name(lr, 0) not in running]
+    return next_runs(START_RATES[sweep.optimizer], scores, lambda lr: {r["seed"] for r in mine if r["lr"] == lr},
+                     SEEDS, MAX_RATE_RANGE)
 
 
 def budget_params(size: str, vocab_size: int) -> int:
@@ -139,24 +124,16 @@ def budget_params(size: str, vocab_size: int) -> int:
 def git_commit() -> str | None:
     """The code a run ran on ('-dirty': with uncommitted changes)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).parent)
         return out.stdout.strip() or None
     except OSError:
         return None
 
 
-def train_one(job: dict, conn) -> None:
-    """One run in a child process. Sends its log row, None when a stop signal
-    ended it (it checkpointed; the next sitting resumes it), or the error text
-    when it could not run."""
-    try:
-        conn.send(_train(job))
-    except Exception as error:  # noqa: BLE001 - reported by the parent, which goes on with other runs
-        conn.send(f"{type(error).__name__}: {error}")
-
-
-def _train(job: dict) -> dict | None:
+def train_one(job: dict) -> dict | None:
+    """One run (in a child process): its log row, or None when a stop signal
+    ended it after a checkpoint (the next sitting resumes it)."""
     import torch
 
     from benchmarks.study.correction import correction_ratios
@@ -200,63 +177,42 @@ def _train(job: dict) -> dict | None:
     return row
 
 
-def run_grid(sweeps: list[Sweep], log: Path, jobs: int, deadline: float | None, make_job, on_row) -> list[str]:
-    """Run pending runs, `jobs` at a time, until every sweep is complete or
-    `deadline` (time.time()) passes; runs in flight then checkpoint and stop.
-    make_job(sweep, lr, seed) -> the job dict of a run. Returns the runs that failed."""
-    rows = [json.loads(line) for line in log.open()] if log.exists() else []
-    running: dict[str, tuple] = {}  # run name -> (process, parent end of its pipe)
-    failed: list[str] = []
-    ctx = mp.get_context("spawn")
-    stopped: set[str] = set()
-    try:
-        while True:
-            if deadline is not None and time.time() >= deadline:
-                for name in set(running) - stopped:
-                    running[name][0].terminate()  # one SIGTERM: the run checkpoints at the end of its step
-                    stopped.add(name)
-            else:  # a failed run counts as in flight: its sweep waits for the next sitting
-                for sweep in sweeps:
-                    for lr, seed in pending(sweep, rows, set(running) | set(failed)):
-                        name = sweep.run_name(lr, seed)
-                        if len(running) >= jobs:
-                            break
-                        parent, child = ctx.Pipe(duplex=False)
-                        process = ctx.Process(target=train_one, args=(make_job(sweep, lr, seed), child), name=name)
-                        process.start()
-                        child.close()
-                        running[name] = (process, parent)
-            if not running:
-                return failed
-            time.sleep(1.0)
-            for name, (process, parent) in list(running.items()):
-                if not parent.poll() and process.is_alive():
-                    continue
-                try:
-                    row = parent.recv()
-                except EOFError:  # died without a word (killed)
-                    row = "the process died"
-                process.join()
-                del running[name]
-                if isinstance(row, str):
-                    failed.append(name)
-                    print(f"{name} failed: {row}", file=sys.stderr, flush=True)
-                elif row is not None:
-                    rows.append(row)
-                    with log.open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    for checkpoint in (CHECKPOINT_NAME, PREVIOUS_NAME):  # logged: never resumed again
-                        (log.parent / name / checkpoint).unlink(missing_ok=True)
-                    on_row(row)
-    except KeyboardInterrupt:  # the runs got the same SIGINT: they checkpoint and end
-        for process, _ in running.values():
-            process.join()
-        raise
-    finally:
-        for process, _ in running.values():
-            if process.is_alive():
-                process.terminate()
-                process.join()
+def cost_table(sizes, cells, batch_size: int, seq_len: int, tokens_per_param: float, eval_tokens: int,
+               vocab: int = 256, steps: int = 3) -> str:
+    """Markdown: per size and cell, the tokens a run trains, the training rate
+    per CPU-second (one thread, `steps` timed steps after one warm-up, random
+    bytes) and the CPU-hours of the grid's smallest plan (4 rates + 2 more seeds
+    per sweep; evaluations counted as a third of a training token each)."""
+    import torch
+
+    from parallax.train import TrainConfig, build_optimizer
+    from parallax.train.loop import build_model
+
+    torch.set_num_threads(1)
+    lines = ["| size | cell | params | tokens a run | steps | tokens / CPU-s | runs (at least) | CPU-hours |",
+             "|---|---|---|---|---|---|---|---|"]
+    total = 0.0
+    for size in sizes:
+        tokens = tokens_per_param * budget_params(size, vocab)
+        for cell in cells:
+            cfg = TrainConfig(**CELLS[cell], model=size).resolved()
+            model = build_model(cfg, vocab)
+            optimizer = build_optimizer(model, cfg)
+            x = torch.randint(0, vocab, (batch_size, seq_len + 1))
+            for step in range(steps + 1):
+                if step == 1:
+                    start = time.process_time()
+                _, loss = model(x[:, :-1], x[:, 1:])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            rate = steps * batch_size * seq_len / (time.process_time() - start)
+            runs = len(WEIGHT_DECAYS[CELLS[cell]["optimizer"]]) * (len(START_RATES["adamw"]) + len(SEEDS) - 1)
+            hours = runs * (tokens + EVALS * eval_tokens / 3) / rate / 3600
+            total += hours
+            lines.append(f"| {size} | {cell} | {model.num_parameters():,} | {tokens:,.0f} | "
+                         f"{math.ceil(tokens / (batch_size * seq_len)):,} | {rate:,.0f} | {runs} | {hours:.1f} |")
+    return "\n".join(lines) + f"\n| all | | | | | | | {total:.0f} |\n"
 
 
 def main(argv=None):
@@ -277,6 +233,7 @@ def main(argv=None):
     parser.add_argument("--budget-min", type=float, help="stop (checkpointing runs in flight) after this many minutes")
     parser.add_argument("--deadline", type=float, help="the same as an absolute time.time() (run_all.sh's shared budget)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs that would start next, run nothing")
+    parser.add_argument("--estimate", action="store_true", help="time each cell and print the grid's CPU cost")
     args = parser.parse_args(argv)
     for name, value in SCALES[args.scale].items():
         if getattr(args, name) is None:
@@ -288,10 +245,14 @@ def main(argv=None):
     deadline = args.deadline
     if args.budget_min is not None:
         deadline = min(deadline or math.inf, time.time() + 60 * args.budget_min)
+    if args.estimate:
+        print(cost_table(args.sizes, args.cells, args.batch_size, args.seq_len, args.tokens_per_param,
+                         args.eval_tokens))
+        return 0
     sweeps = sweeps_for(args.sizes, args.cells)
     log = out / "runs.jsonl"
+    rows = [json.loads(line) for line in log.open()] if log.exists() else []
     if args.dry_run:
-        rows = [json.loads(line) for line in log.open()] if log.exists() else []
         for sweep in sweeps:
             for lr, seed in pending(sweep, rows):
                 print(sweep.run_name(lr, seed))
@@ -301,7 +262,7 @@ def main(argv=None):
 
     vocab = load_dataset(args.data).vocab_size
     tokens_per_step = args.batch_size * args.seq_len
-    threads = args.threads or max(1, (mp.cpu_count() if args.device == "cpu" else 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() if args.device == "cpu" else 1) // args.jobs)
 
     def make_job(sweep: Sweep, lr: float, seed: int) -> dict:
         steps = math.ceil(args.tokens_per_param * budget_params(sweep.size, vocab) / tokens_per_step)
@@ -311,11 +272,19 @@ def main(argv=None):
                     eval_batches=max(1, args.eval_tokens // tokens_per_step), data=args.data, device=args.device,
                     threads=threads, tokens_per_param=args.tokens_per_param, out=str(out / sweep.run_name(lr, seed)))
 
-    def on_row(row):
-        print(f"{row['run']}: val_bpb={row['val_bpb']} ({row['status']})", flush=True)
+    def plan(busy):
+        return [(sweep.run_name(lr, seed), make_job(sweep, lr, seed))
+                for sweep in sweeps for lr, seed in pending(sweep, rows, busy)]
 
-    failed = run_grid(sweeps, log, args.jobs, deadline, make_job, on_row)
-    return 1 if failed else 0
+    def on_row(name, row):
+        rows.append(row)
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for checkpoint in (CHECKPOINT_NAME, PREVIOUS_NAME):  # logged: never resumed again
+            (out / name / checkpoint).unlink(missing_ok=True)
+        print(f"{name}: val_bpb={row['val_bpb']} ({row['status']})", flush=True)
+
+    return 1 if run_pending(plan, train_one, args.jobs, deadline, on_row) else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Multi-query associative recall (MQAR): the 2x2 {softmax, Parallax} x {AdamW, Muon},
-each cell swept over learning rates at each sequence length.
+"""Multi-query associative recall (MQAR): {softmax, Parallax} x {AdamW, Muon}
+plus a parameter-matched softmax, each cell swept over learning rates at each
+sequence length.
 
 A sequence opens with N key-value pairs; later, at random positions, the keys
 come back in a shuffled order and the model must output each key's value as
@@ -9,9 +10,16 @@ each pair count; a run stops once every pair count reaches SOLVED there
 (`steps_to_solve`) or at its step budget, and is then scored on a separate
 held-out set.
 
-For each sequence length, each cell runs every rate of its optimizer (seed 0),
-then each cell's best rate again with the `--best-seeds`. Runs already in the
-log are skipped, so an interrupted sweep resumes.
+Each (length, cell) is a sweep (benchmarks/study/sweep.py): seed 0 at every
+starting rate of its optimizer, more rates a factor 2 past whichever end is
+best (up to a MAX_RATE_RANGE span), then the `--best-seeds` at the best rate
+(best: highest worst-pair accuracy, then fewest steps, then lowest rate). What
+runs next follows from the log alone, so an interrupted sweep resumes.
+
+Embedding policy (`--embed-lr`, the same for both optimizers): embeddings,
+lm_head and gains use AdamW at EMBED_LR; the swept rate is the hidden
+matrices'. `--adamw-one-rate` gives AdamW one rate for every parameter (how
+the first sweeps ran; their log rows have embed_lr null).
 
     python -m benchmarks.study.mqar                 # CPU size -> results/mqar_cpu/mqar.jsonl
     python -m benchmarks.study.mqar --scale gpu     # GPU size -> results/mqar_gpu/mqar.jsonl
@@ -21,27 +29,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing as mp
+import math
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.study.sweep import next_runs, run_pending
 from parallax.models import GPT, GPTConfig
-from parallax.optim import MuonWithAdamW
+from parallax.optim import MuonWithAdamW, split_params
 
 IGNORE = -1
 SOLVED = 0.99  # held-out accuracy every pair count must reach
 EVAL_EVERY = 50
 MUON_RATES = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
 ADAMW_RATES = (3e-4, 1e-3, 2e-3, 3e-3, 6e-3, 1e-2)
+EMBED_LR = 3e-3
+MAX_RATE_RANGE = 256  # widest sweep (highest / lowest rate) before it stops growing
+ATTENTIONS = ("softmax", "parallax", "softmax-matched")  # the last: softmax widened to Parallax's parameters
 # --scale: the CPU size fits the 2-core development machine (length 256 would
-# take hours there); the GPU size adds 256 and 512, a longer budget and bf16.
+# take hours there); the GPU size adds 256 and 512 and bf16.
 SCALES = {
-    "cpu": dict(seq_lens=[64, 128], steps=600, device="cpu", jobs=2),
+    "cpu": dict(seq_lens=[64, 128], steps=4000, device="cpu", jobs=1),
     "gpu": dict(seq_lens=[128, 256, 512, 64], steps=2000, device="cuda", jobs=8),
 }
 
@@ -81,10 +92,17 @@ def width_for(seq_len: int) -> int:
     return 64 * max(1, seq_len // 128)
 
 
-def build_optimizer(model, optimizer: str, lr: float):
+def build_optimizer(model, optimizer: str, lr: float, embed_lr: float | None):
+    """Hidden matrices at `lr` (Muon or AdamW); embeddings, lm_head and gains by
+    AdamW at `embed_lr` (None, AdamW only: every parameter at `lr`)."""
     if optimizer == "muon":
-        return MuonWithAdamW.from_model(model, lr=lr, adamw_lr=3e-3, weight_decay=0.0)
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        return MuonWithAdamW.from_model(model, lr=lr, adamw_lr=embed_lr, weight_decay=0.0)
+    if embed_lr is None:
+        groups = [{"params": list(model.parameters())}]
+    else:
+        matrices, rest = split_params(model)
+        groups = [{"params": matrices}, {"params": rest, "lr": embed_lr}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
 
 class HeldOut:
@@ -106,7 +124,7 @@ class HeldOut:
         return out
 
 
-def run_cell(attention, optimizer, lr, seq_len, *, vocab, steps, batch, seed, device="cpu"):
+def run_cell(attention, optimizer, lr, seq_len, *, vocab, steps, batch, seed, embed_lr=EMBED_LR, device="cpu"):
     """One training run; returns its log row."""
     device = torch.device(device)
     # bf16 autocast on CUDA (the Triton kernels' precision); exact float32 on CPU.
@@ -115,9 +133,10 @@ def run_cell(attention, optimizer, lr, seq_len, *, vocab, steps, batch, seed, de
     pair_counts = pair_counts_for(seq_len)
     width = width_for(seq_len)
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=seq_len, attention=attention,
-                          n_layer=2, n_head=2, n_embd=width)).to(device)
-    opt = build_optimizer(model, optimizer, lr)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=seq_len, attention=attention.removesuffix("-matched"),
+                          parameter_matched=attention.endswith("-matched"), n_layer=2, n_head=2,
+                          n_embd=width)).to(device)
+    opt = build_optimizer(model, optimizer, lr, embed_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
     data = torch.Generator().manual_seed(seed)
     check = HeldOut(seq_len, pair_counts, vocab, 128, 20_000 + seed, device)
@@ -140,69 +159,70 @@ def run_cell(attention, optimizer, lr, seq_len, *, vocab, steps, batch, seed, de
             if min(acc.values()) >= SOLVED:
                 steps_to_solve = step
     final = HeldOut(seq_len, pair_counts, vocab, 256, 10_000 + seed, device).accuracy(model, autocast)
-    return {"attention": attention, "optimizer": optimizer, "lr": lr, "seq_len": seq_len, "width": width,
+    return {"attention": attention, "optimizer": optimizer, "lr": lr, "embed_lr": embed_lr, "seq_len": seq_len,
+            "width": width, "params": model.num_parameters(),
             "seed": seed, "steps": steps, "trained_steps": step, "steps_to_solve": steps_to_solve,
             "accuracy": final, "curve": curve, "device": device.type,
             "seconds": round(time.perf_counter() - start, 1)}
 
 
 def run_job(job: dict) -> dict:
-    """One run in a worker process (one thread: runs share the machine)."""
+    """One run in a worker process (one thread on CPU: runs share the machine)."""
     torch.set_num_threads(1)
     return run_cell(**job)
 
 
+def embed_lr_of(row: dict) -> float | None:
+    """A row's embedding rate; rows logged before the field existed: Muon cells
+    used EMBED_LR, AdamW cells one rate for everything (None)."""
+    if "embed_lr" in row:
+        return row["embed_lr"]
+    return EMBED_LR if row["optimizer"] == "muon" else None
+
+
+def sweep_key(row: dict) -> tuple:
+    """What makes runs one sweep: (device, step budget, length, attention, optimizer, embedding rate)."""
+    return row["device"], row["steps"], row["seq_len"], row["attention"], row["optimizer"], embed_lr_of(row)
+
+
 def run_key(row: dict) -> tuple:
     """What identifies a run, in a log row or a job."""
-    return row["attention"], row["optimizer"], float(row["lr"]), row["seq_len"], row["seed"], row["steps"]
+    return sweep_key(row) + (float(row["lr"]), row["seed"])
+
+
+def score(row: dict) -> tuple:
+    """Lower is better: highest worst-pair accuracy, then fewest steps to solve, then lowest rate."""
+    solve = row.get("steps_to_solve")
+    return -min(row["accuracy"].values()), solve if solve is not None else math.inf, row["lr"]
 
 
 def best_rate(runs) -> float:
-    """The rate whose seed-0 run has the best worst-pair accuracy; ties go to the
-    fewest steps to solve, then to the lowest rate."""
-    def score(r):
-        solve = r.get("steps_to_solve")
-        return min(r["accuracy"].values()), -(solve if solve is not None else float("inf")), -r["lr"]
-    return max((r for r in runs if r["seed"] == 0), key=score)["lr"]
+    """The best rate of a sweep's seed-0 runs (see `score`)."""
+    return min((r for r in runs if r["seed"] == 0), key=score)["lr"]
 
 
-def sweep(plan: list[dict], best_seeds: list[int], done: dict, jobs: int, deadline: float | None, on_row):
-    """Run `plan` (seed-0 runs) in `jobs` processes. Once every rate of a
-    (length, cell) is done, its best rate's `best_seeds` go to the front of the
-    queue, so a deadline cuts the sweep of the last lengths, not the seeds.
-    No run starts after `deadline` (time.time()); runs already `done` are skipped."""
-    def group(job):
-        return job["seq_len"], job["attention"], job["optimizer"], job["steps"]
-
-    swept = {}
-    for job in plan:
-        swept.setdefault(group(job), []).append(run_key(job))
-    queue = list(plan)
-    running, followed = {}, set()
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-        while True:
-            for g, keys in swept.items():  # groups whose sweep is complete: queue their seeds
-                if g not in followed and all(k in done for k in keys):
-                    followed.add(g)
-                    lr = best_rate([done[k] for k in keys])
-                    first = next(job for job in plan if group(job) == g)
-                    queue[:0] = [{**first, "lr": lr, "seed": s} for s in best_seeds]
-            queue = [job for job in queue if run_key(job) not in done]
-            while queue and len(running) < jobs and (deadline is None or time.time() < deadline):
-                job = queue.pop(0)
-                running[pool.submit(run_job, job)] = job
-            if not running:
-                return
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                try:
-                    row = future.result()
-                except Exception as error:  # one failed run must not end the sweep
-                    print(f"failed: {job}: {error!r}", file=sys.stderr, flush=True)
-                    continue
-                done[run_key(row)] = row
-                on_row(row)
+def plan_runs(groups: list[dict], start_rates: dict, best_seeds, done: dict, busy: set) -> list[tuple[str, dict]]:
+    """The runs each sweep (a job dict without lr and seed) can start now."""
+    offered = []
+    for group in groups:
+        key = sweep_key({**group, "device": torch.device(group["device"]).type})
+        mine = [row for row in done.values() if sweep_key(row) == key]
+        device, steps, seq_len, attention, optimizer, embed = key
+        prefix = f"{device} {steps} steps T={seq_len} {attention}/{optimizer} embed {embed or 'lr'}: "
+        in_flight = any(name.startswith(prefix) for name in busy)
+        rates = start_rates[group["optimizer"]]
+        scores = {r["lr"]: score(r) for r in mine if r["seed"] == 0}
+        if in_flight:
+            todo = [(lr, 0) for lr in rates if lr not in scores]
+        else:
+            todo = next_runs(rates, scores, lambda lr: {r["seed"] for r in mine if r["lr"] == lr},
+                             [0, *best_seeds], MAX_RATE_RANGE)
+        for lr, seed in todo:
+            job = {**group, "lr": lr, "seed": seed}
+            name = f"{prefix}lr {lr:g} seed {seed}"
+            if name not in busy:
+                offered.append((name, job))
+    return offered
 
 
 def main(argv=None):
@@ -216,12 +236,16 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, help="runs at once, one process each")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=128)
-    parser.add_argument("--muon-lr", type=float, nargs="+", default=list(MUON_RATES))
-    parser.add_argument("--adamw-lr", type=float, nargs="+", default=list(ADAMW_RATES))
+    parser.add_argument("--muon-lr", type=float, nargs="+", default=list(MUON_RATES), help="starting rates")
+    parser.add_argument("--adamw-lr", type=float, nargs="+", default=list(ADAMW_RATES), help="starting rates")
+    parser.add_argument("--embed-lr", type=float, default=EMBED_LR, help="AdamW rate of embeddings, head, gains")
+    parser.add_argument("--adamw-one-rate", action="store_true", help="AdamW: every parameter at the swept rate")
     parser.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=["adamw", "muon"])
-    parser.add_argument("--attentions", nargs="+", choices=("softmax", "parallax"), default=["softmax", "parallax"])
+    parser.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=list(ATTENTIONS))
     parser.add_argument("--best-seeds", type=int, nargs="*", default=[1], help="seeds rerun at each best rate")
-    parser.add_argument("--minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument("--minutes", type=float, help="stop (ending runs in flight) after this many minutes")
+    parser.add_argument("--deadline", type=float, help="the same as an absolute time.time() (run_all.sh's shared budget)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs that would start next, run nothing")
     args = parser.parse_args(argv)
     for name, value in SCALES[args.scale].items():
         if getattr(args, name) is None:
@@ -231,18 +255,27 @@ def main(argv=None):
     log = out / "mqar.jsonl"
     done = {run_key(row): row for row in map(json.loads, log.open())} if log.exists() else {}
 
-    def on_row(row):
+    def on_row(name, row):
+        done[run_key(row)] = row
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
 
-    rates = {"muon": args.muon_lr, "adamw": args.adamw_lr}
-    plan = [dict(attention=a, optimizer=o, lr=lr, seq_len=t, seed=0, vocab=args.vocab, steps=args.steps,
-                 batch=args.batch, device=args.device)
-            for t in args.seq_lens for a in args.attentions for o in args.optimizers for lr in rates[o]]
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
-    sweep(plan, args.best_seeds, done, args.jobs, deadline, on_row)
+    groups = [dict(attention=a, optimizer=o, seq_len=t, vocab=args.vocab, steps=args.steps, batch=args.batch,
+                   device=args.device, embed_lr=None if o == "adamw" and args.adamw_one_rate else args.embed_lr)
+              for t in args.seq_lens for a in args.attentions for o in args.optimizers]
+    start_rates = {"muon": args.muon_lr, "adamw": args.adamw_lr}
+    if args.dry_run:
+        for name, _ in plan_runs(groups, start_rates, args.best_seeds, done, set()):
+            print(name)
+        return 0
+    deadline = args.deadline
+    if args.minutes is not None:
+        deadline = min(deadline or math.inf, time.time() + 60 * args.minutes)
+    failed = run_pending(lambda busy: plan_runs(groups, start_rates, args.best_seeds, done, busy), run_job,
+                         args.jobs, deadline, on_row)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

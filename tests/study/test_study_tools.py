@@ -1,11 +1,23 @@
-"""The study's own instruments: the MQAR generator and sweep, the correction probe, the tables."""
+"""The study's own instruments: the MQAR generator, the correction probe, the
+sweep plans, the run driver, the tables and the verdict rule."""
 import json
+import math
+import subprocess
+import time
+from pathlib import Path
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from benchmarks.study import lm_grid, mqar, report
 from benchmarks.study.correction import correction_ratios
 from benchmarks.study.mqar import IGNORE, mqar_batch
+from benchmarks.study.sweep import next_runs, run_pending, wider_rate
 from parallax.models import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mqar_queries_ask_for_the_values_of_earlier_keys():
@@ -34,42 +46,190 @@ def test_correction_ratio_is_zero_at_init_and_grows_with_the_probe():
     assert correction_ratios(softmax, idx) == []
 
 
+# ---------------------------------------------------------------- sweep plans
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.1, 10.0), min_size=4, max_size=4), st.sampled_from([0, 1, 2, 3]))
+def test_a_sweep_widens_past_its_best_end_then_seeds_the_best(values, best_index):
+    rates = [0.001, 0.002, 0.004, 0.008]
+    values[best_index] = 0.0  # a unique best
+    scores = dict(zip(rates, values))
+    assert next_runs(rates, {}, lambda lr: set(), (0, 1, 2), 64) == [(lr, 0) for lr in rates]
+    plan = next_runs(rates, scores, lambda lr: {0}, (0, 1, 2), 64)
+    if best_index == 0:
+        assert plan == [(0.0005, 0)]
+    elif best_index == 3:
+        assert plan == [(0.016, 0)]
+    else:
+        assert plan == [(rates[best_index], 1), (rates[best_index], 2)]
+    assert next_runs(rates, scores, lambda lr: {0, 1, 2}, (0, 1, 2), 8) == []  # capped at 8x: seeded, complete
+
+
+def test_wider_rate_stops_at_the_range_cap():
+    assert wider_rate([0.01, 0.02, 0.04], 0.01, 64) == 0.005
+    assert wider_rate([0.01, 0.02, 0.04], 0.04, 64) == 0.08
+    assert wider_rate([0.01, 0.02, 0.04], 0.02, 64) is None
+    assert wider_rate([0.01, 0.64], 0.01, 64) is None
+
+
+def lm_row(size, cell, wd, lr, seed, bpb):
+    sweep = lm_grid.Sweep(size, cell, wd)
+    return {"run": sweep.run_name(lr, seed), "size": size, "cell": cell, "weight_decay": wd, "lr": lr, "seed": seed,
+            "val_bpb": bpb, "params": 1000, "tokens": 20000, "status": "done" if bpb else "diverged"}
+
+
+def test_lm_plan_follows_the_log_and_waits_on_runs_in_flight():
+    sweep = lm_grid.Sweep("small-48", "parallax/muon", 0.0)
+    rates = lm_grid.START_RATES["muon"]
+    assert lm_grid.pending(sweep, []) == [(lr, 0) for lr in rates]
+    in_flight = {sweep.run_name(rates[0], 0)}
+    assert lm_grid.pending(sweep, [], in_flight) == [(lr, 0) for lr in rates[1:]]
+    # The highest rate diverged, the lowest is best: widen downwards, but not while a run is in flight.
+    rows = [lm_row("small-48", "parallax/muon", 0.0, lr, 0, bpb) for lr, bpb in zip(rates, (2.0, 2.1, 2.2, None))]
+    other = [lm_row("small-48", "softmax/muon", 0.0, rates[0], 0, 1.0), lm_row("small", "parallax/muon", 0.0,
+                                                                                   rates[1], 0, 1.0)]
+    assert lm_grid.pending(sweep, rows + other) == [(rates[0] / 2, 0)]
+    assert lm_grid.pending(sweep, rows, {sweep.run_name(rates[0] / 2, 0)}) == []
+    rows.append(lm_row("small-48", "parallax/muon", 0.0, rates[0] / 2, 0, 2.5))
+    assert lm_grid.pending(sweep, rows) == [(rates[0], 1), (rates[0], 2)]
+
+
+def test_lm_sweeps_run_size_by_size_with_every_adamw_weight_decay():
+    sweeps = lm_grid.sweeps_for(["small-48", "small"], list(lm_grid.CELLS))
+    assert [s.size for s in sweeps] == ["small-48"] * 7 + ["small"] * 7
+    assert {(s.cell, s.weight_decay) for s in sweeps[:7]} == {
+        ("softmax/adamw", 0.1), ("softmax/adamw", 0.0), ("parallax/adamw", 0.1), ("parallax/adamw", 0.0),
+        ("softmax/muon", 0.0), ("parallax/muon", 0.0), ("softmax-matched/muon", 0.0)}
+    assert sweeps[6].cell == "softmax-matched/muon"  # the control last
+
+
+def mqar_row(attention, optimizer, lr, seed, accs, solve, steps=600, embed_lr=0.003, seq_len=64):
+    row = {"attention": attention, "optimizer": optimizer, "lr": lr, "seq_len": seq_len, "width": 64, "seed": seed,
+           "steps": steps, "device": "cpu", "steps_to_solve": solve,
+           "accuracy": {str(n): a for n, a in zip((4, 8), accs)}}
+    if embed_lr != "absent":
+        row["embed_lr"] = embed_lr
+    return row
+
+
+def test_mqar_plan_keeps_the_embedding_policies_apart():
+    group = dict(attention="parallax", optimizer="adamw", seq_len=64, vocab=128, steps=600, batch=64, device="cpu",
+                 embed_lr=None)
+    rates = {"adamw": [0.001, 0.002, 0.004], "muon": [0.01]}
+    # Rows logged before embed_lr existed are the one-rate policy for AdamW.
+    old = [mqar_row("parallax", "adamw", lr, 0, (acc, acc), None, embed_lr="absent")
+           for lr, acc in ((0.001, 0.3), (0.002, 0.2), (0.004, 0.1))]
+    done = {mqar.run_key(r): r for r in old}
+    assert [job["lr"] for _, job in mqar.plan_runs([group], rates, [1], done, set())] == [0.0005]
+    new_policy = {**group, "embed_lr": 0.003}
+    assert [job["lr"] for _, job in mqar.plan_runs([new_policy], rates, [1], done, set())] == rates["adamw"]
+
+
 def test_mqar_sweep_table_picks_the_best_rate_and_counts_solved_rates():
-    from benchmarks.study.report import mqar_sweep_table
-
-    def row(lr, seed, accs, solve):
-        return {"attention": "softmax", "optimizer": "muon", "lr": lr, "seq_len": 64, "width": 64, "seed": seed,
-                "steps": 600, "device": "cpu", "steps_to_solve": solve, "accuracy": {"4": accs[0], "8": accs[1]}}
-
     # 0.005 and 0.01 both solve; 0.01 is best because it solves in fewer steps.
-    rows = [row(0.005, 0, (1.0, 0.995), 400), row(0.01, 0, (1.0, 0.995), 200), row(0.02, 0, (0.3, 0.1), None),
-            row(0.01, 1, (1.0, 0.985), None)]
-    line = mqar_sweep_table(rows).splitlines()[-1]
+    rows = [mqar_row("softmax", "muon", 0.005, 0, (1.0, 0.995), 400),
+            mqar_row("softmax", "muon", 0.01, 0, (1.0, 0.995), 200),
+            mqar_row("softmax", "muon", 0.02, 0, (0.3, 0.1), None),
+            mqar_row("softmax", "muon", 0.01, 1, (1.0, 0.985), None)]
+    shown = set()
+    line = report.mqar_sweep_table(rows, shown).splitlines()[-1]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[5] == "0.005: 0.995, 0.01: 0.995, 0.02: 0.100"
-    assert cells[6:] == ["0.01", "1.000", "0.990", "s0: 200, s1: -", "2/3"]
+    assert cells[6] == "0.005: 0.995, 0.01: 0.995 (s1 0.985), 0.02: 0.100"
+    assert cells[7:] == ["0.01", "yes", "1.000", "0.990", "s0: 200, s1: -", "2/3"]
+    assert shown == {id(r) for r in rows}
 
 
-def test_mqar_sweep_queues_each_best_rate_with_more_seeds(tmp_path):
-    """The sweep runs every rate, then seed 1 at the best one; a rerun skips what is logged."""
-    from benchmarks.study.mqar import main, run_key
+# ---------------------------------------------------------------- the verdict rule
 
-    args = ["--out", str(tmp_path), "--seq-lens", "16", "--steps", "4", "--jobs", "1", "--optimizers", "muon",
-            "--attentions", "parallax", "--muon-lr", "0.01", "0.02"]
-    main(args)
-    rows = [json.loads(line) for line in (tmp_path / "mqar.jsonl").open()]
+def stat(name, values, interior=True):
+    return report.CellStat(name, 0.01, interior, values)
+
+
+def test_verdict_holds_only_with_interior_rates_two_seeds_and_a_gap_beyond_the_spread():
+    a, b = stat("a", [2.0, 2.02]), stat("b", [2.2, 2.23])
+    assert report.verdict(0.2, [a, b]) == ("holds", [])
+    assert report.verdict(-0.2, [a, b]) == ("reverse holds", [])
+    verdict, reasons = report.verdict(0.04, [a, b])  # spread 0.02 + 0.03
+    assert verdict == "open" and "within the spread" in reasons[0]
+    verdict, reasons = report.verdict(0.2, [stat("a", [2.0], interior=False), b])
+    assert verdict == "open" and any("edge" in r for r in reasons) and any("1 seed" in r for r in reasons)
+
+
+def test_lm_claims_compare_cells_at_their_best_rates():
+    rows = []
+    for cell, base in (("softmax/adamw", 2.3), ("parallax/adamw", 2.25), ("softmax/muon", 2.2),
+                       ("parallax/muon", 2.0), ("softmax-matched/muon", 2.19)):
+        rates = lm_grid.START_RATES[cell.split("/")[1]]
+        rows += [lm_row("small-48", cell, 0.0, lr, 0, base + abs(i - 1) * 0.1) for i, lr in enumerate(rates)]
+        rows += [lm_row("small-48", cell, 0.0, rates[1], seed, base + 0.001 * seed) for seed in (1, 2)]
+    claims = {c[0].split(" (")[0]: c for c in report.lm_claims(rows, "test")}
+    assert claims["Parallax beats softmax under Muon"][2] == "holds"
+    assert claims["Parallax beats softmax under AdamW"][2] == "holds"
+    assert claims["The Parallax gain is larger under Muon than under AdamW"][2] == "holds"
+    table = report.lm_grid_table(rows, set())
+    assert "| small-48 | 1,000 | 20,000 (20.00) | parallax/muon | 0 |" in table
+    assert table.count("none: complete") == 5 and "lr 0.00075 s0" in table  # the wd 0.1 sweeps are still to run
+
+
+def test_report_lists_runs_no_table_shows_and_rewrites_marked_blocks(tmp_path):
+    results = tmp_path / "results"
+    (results / "mqar_cpu").mkdir(parents=True)
+    rows = [mqar_row("parallax", "muon", 0.01, 0, (1.0, 1.0), 100), mqar_row("softmax", "muon", 0.01, 1, (0.1, 0.1),
+                                                                             None)]
+    (results / "mqar_cpu" / "mqar.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    blocks = report.tables(results)
+    assert "parallax/muon" in blocks["mqar-cpu"]
+    assert "softmax/muon lr 0.01 seed 1" in blocks["excluded"] and "no seed-0 run" in blocks["excluded"]
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("intro\n<!-- report:mqar-cpu -->\nstale\n<!-- /report:mqar-cpu -->\nend\n")
+    report.update(doc, blocks)
+    assert doc.read_text() == "intro\n<!-- report:mqar-cpu -->\n" + blocks["mqar-cpu"] + "<!-- /report:mqar-cpu -->\nend\n"
+
+
+# ---------------------------------------------------------------- running
+
+def test_run_pending_logs_each_row_and_stops_runs_at_the_deadline():
+    rows = []
+    plan = [("a", {"x": 1}), ("b", {"x": 2})]
+    failed = run_pending(lambda busy: [p for p in plan if p[0] not in busy and p[0] not in {n for n, _ in rows}],
+                         dict, 2, None, lambda name, row: rows.append((name, row)))
+    assert failed == [] and sorted(rows) == [("a", {"x": 1}), ("b", {"x": 2})]
+    start = time.time()
+    failed = run_pending(lambda busy: [] if busy else [("sleeper", 60)], time.sleep, 1, time.time() + 3,
+                         lambda name, row: pytest.fail("a stopped run logs nothing"))
+    assert failed == [] and time.time() - start < 30
+
+
+def test_lm_grid_fills_a_sweep_over_sittings_and_skips_what_is_logged(tmp_path, monkeypatch):
+    monkeypatch.setattr(lm_grid, "START_RATES", {"muon": (0.01, 0.02), "adamw": (1e-3, 2e-3)})
+    monkeypatch.setattr(lm_grid, "SEEDS", (0, 1))
+    monkeypatch.setattr(lm_grid, "MAX_RATE_RANGE", 2)  # no widening: 3 runs in all
+    data = tmp_path / "text.txt"
+    data.write_bytes((ROOT / "benchmarks" / "study" / "sweep.py").read_bytes() * 4)
+    args = ["--out", str(tmp_path / "lm"), "--sizes", "tiny", "--cells", "parallax/muon", "--tokens-per-param", "0.01",
+            "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "32", "--threads", "1", "--jobs", "2",
+            "--data", str(data)]
+    assert lm_grid.main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "lm" / "runs.jsonl").open()]
     assert sorted((r["lr"], r["seed"]) for r in rows) in ([(0.01, 0), (0.01, 1), (0.02, 0)],
                                                          [(0.01, 0), (0.02, 0), (0.02, 1)])
-    assert all(r["trained_steps"] == 4 and r["steps_to_solve"] is None for r in rows)
-    main(args)
-    assert len((tmp_path / "mqar.jsonl").read_text().splitlines()) == 3
-    assert len({run_key(r) for r in rows}) == 3
+    for r in rows:
+        assert r["status"] == "done" and r["device"] == "cpu" and r["precision"] == "float32"
+        assert r["steps"] == math.ceil(0.01 * 45216 / 32) and r["correction"][-1]["step"] == r["steps"]
+        assert len(r["correction"][-1]["ratios"]) == 2  # one per layer
+        assert not (tmp_path / "lm" / r["run"] / "checkpoint.pt").exists()  # logged runs are never resumed
+    assert lm_grid.main(args) == 0
+    assert len((tmp_path / "lm" / "runs.jsonl").read_text().splitlines()) == 3
 
 
-def test_lm_sweep_widens_past_the_best_end_until_interior():
-    from benchmarks.study.lm_grid import MAX_RATE_RANGE, edge_step
-
-    assert edge_step([0.01, 0.02, 0.04], 0.01) == 0.005
-    assert edge_step([0.01, 0.02, 0.04], 0.04) == 0.08
-    assert edge_step([0.01, 0.02, 0.04], 0.02) is None
-    assert edge_step([0.01, 0.01 * MAX_RATE_RANGE], 0.01) is None
+def test_run_all_gpu_dry_run_lists_the_next_gpu_runs_and_runs_nothing(tmp_path):
+    proc = subprocess.run(["bash", "benchmarks/study/run_all.sh", "--scale", "gpu", "--budget-min", "8", "--dry-run",
+                           "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("cuda 2000 steps T=512 ")  # MQAR at length 512 first
+    assert "20m_softmax_adamw_wd0.1_lr0.00075_s0" in lines
+    assert not list(tmp_path.rglob("*.jsonl"))
+    bad = subprocess.run(["bash", "benchmarks/study/run_all.sh", "--scale", "tpu"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--scale" in bad.stderr
