@@ -45,6 +45,7 @@ VERDICT_RULE = (
 LM_CELLS = list(lm_grid.CELLS)
 MQAR_CELLS = ["softmax/adamw", "parallax/adamw", "softmax/muon", "parallax/muon", "softmax-matched/adamw",
               "softmax-matched/muon"]
+BYTES = 256  # the grids' vocabulary
 MQAR_LOGS = {"mqar-cpu": "mqar_cpu/mqar.jsonl", "mqar-gpu": "mqar_gpu/mqar.jsonl",
              "mqar-gpu-long": "mqar_gpu_long/mqar.jsonl"}
 
@@ -163,6 +164,37 @@ def best_adamw(by, size) -> tuple[CellStat | None, CellStat | None]:
                  if s == size and cell == f"{attention}/adamw" and any(r["seed"] == 0 for r in runs)]
         out.append(min(stats, key=lambda c: c.values[0]) if stats else None)
     return out[0], out[1]
+
+
+def lm_gap_table(rows) -> str:
+    """The scaling view: per size, each optimizer's best cells and the gap
+    Parallax minus softmax (negative: Parallax better) with its spread (the
+    sum of the two cells' seed ranges); '-' where a cell has no seed-0 run."""
+    by = lm_sweeps(rows)
+    lines = ["| size | Parallax params | softmax/adamw | parallax/adamw | gap AdamW (spread) | softmax/muon | "
+             "parallax/muon | gap Muon (spread) | softmax-matched/muon | gap vs matched (spread) | "
+             "complete sweeps |", "|---" * 11 + "|"]
+    for size in sorted({k[0] for k in by}, key=size_order):
+        def stat(cell):
+            runs = by.get((size, cell, 0.0))
+            return lm_cell_stat(cell, runs) if runs and any(r["seed"] == 0 for r in runs) else None
+
+        soft_a, par_a = best_adamw(by, size)
+        soft_m, par_m, matched = stat("softmax/muon"), stat("parallax/muon"), stat("softmax-matched/muon")
+
+        def cell(c):
+            return "-" if c is None else f"{fmt(c.mean)} (n={len(c.values)}{'' if c.interior else ', edge'})"
+
+        def gap(a, b):
+            return "-" if a is None or b is None else f"{a.mean - b.mean:+.4f} ({a.spread + b.spread:.4f})"
+
+        sweeps = lm_grid.sweeps_for([size], LM_CELLS)
+        complete = sum(not lm_grid.pending(sweep, rows) for sweep in sweeps)
+        columns = [cell(soft_a), cell(par_a), gap(par_a, soft_a), cell(soft_m), cell(par_m), gap(par_m, soft_m),
+                   cell(matched), gap(par_m, matched)]
+        lines.append(f"| {size} | {lm_grid.budget_params(size, BYTES):,} | " + " | ".join(columns)
+                     + f" | {complete}/{len(sweeps)} |")
+    return "\n".join(lines) + "\n"
 
 
 def lm_claims(rows, label: str) -> list[tuple]:
@@ -430,6 +462,7 @@ def tables(results: Path) -> dict[str, str]:
     gpu = read_jsonl(results / "lm_gpu" / "runs.jsonl")
     out, shown = {}, set()
     out["lm-grid"] = lm_grid_table(grid, shown) if grid else "(no run logged yet)\n"
+    out["lm-gaps"] = lm_gap_table(grid) if grid else "(no run logged yet)\n"
     out["lm-gpu"] = lm_grid_table(gpu, shown) if gpu else "(no run logged yet)\n"
     out["lm-200"] = lm_grid_table(short, shown, planned=False) if short else "(no run logged)\n"
     out["correction"] = correction_table(grid + gpu)

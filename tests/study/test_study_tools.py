@@ -166,6 +166,8 @@ def test_lm_claims_compare_cells_at_their_best_rates():
     assert claims["Parallax beats softmax under Muon"][2] == "holds"
     assert claims["Parallax beats softmax under AdamW"][2] == "holds"
     assert claims["The Parallax gain is larger under Muon than under AdamW"][2] == "holds"
+    gaps = report.lm_gap_table(rows).splitlines()[-1].split(" | ")
+    assert gaps[4] == "-0.0500 (0.0040)" and gaps[7] == "-0.2000 (0.0040)" and gaps[-1] == "5/7 |"
     table = report.lm_grid_table(rows, set())
     assert "| small-48 | 1,000 | 20,000 (20.00) | parallax/muon | 0 |" in table
     assert table.count("none: complete") == 5 and "lr 0.00075 s0" in table  # the wd 0.1 sweeps are still to run
