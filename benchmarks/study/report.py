@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.study import lm_grid  # noqa: E402
 from benchmarks.study.mqar import SOLVED, best_rate, embed_lr_of, sweep_key  # noqa: E402
+from benchmarks.study.sweep import best_rate as best_rate_of  # noqa: E402
 from benchmarks.study.sweep import interior  # noqa: E402
 
 VERDICT_RULE = (
@@ -101,7 +102,7 @@ def lm_sweeps(rows) -> dict[tuple, list[dict]]:
 
 def lm_cell_stat(name: str, runs: list[dict]) -> CellStat:
     scores = {r["lr"]: lm_grid.bpb(r) for r in runs if r["seed"] == 0}
-    best = min(sorted(scores), key=scores.__getitem__)
+    best = best_rate_of(scores)
     values = [lm_grid.bpb(r) for r in sorted(runs, key=lambda r: r["seed"]) if r["lr"] == best]
     return CellStat(name, best, interior(scores, best), values)
 
