@@ -2,7 +2,10 @@
 sweep plans, the run driver, the tables and the verdict rule."""
 import json
 import math
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +225,44 @@ def test_lm_grid_fills_a_sweep_over_sittings_and_skips_what_is_logged(tmp_path, 
         assert not (tmp_path / "lm" / r["run"] / "checkpoint.pt").exists()  # logged runs are never resumed
     assert lm_grid.main(args) == 0
     assert len((tmp_path / "lm" / "runs.jsonl").read_text().splitlines()) == 3
+
+
+def test_lm_grid_stopped_by_ctrl_c_checkpoints_and_the_next_sitting_resumes(tmp_path, monkeypatch):
+    data = tmp_path / "text.txt"
+    data.write_bytes((ROOT / "benchmarks" / "study" / "sweep.py").read_bytes() * 4)
+    out = tmp_path / "lm"
+    args = ["--out", str(out), "--sizes", "tiny", "--cells", "parallax/muon", "--tokens-per-param", "0.1",
+            "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "32", "--threads", "1", "--data", str(data)]
+    # Ctrl-C reaches the whole process group: the grid and its run (the first
+    # seed-0 rate). The grid gets Python's SIGINT handler back, which a
+    # background shell job starts without.
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from benchmarks.study import lm_grid; lm_grid.main(sys.argv[1:])")
+    grid = subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = out / "tiny_parallax_muon_wd0_lr0.0075_s0"
+    log = run / "log.jsonl"
+    try:
+        give_up = time.time() + 120
+        while not (log.exists() and '"train"' in log.read_text()):
+            assert grid.poll() is None and time.time() < give_up, "the run never reached a training step"
+            time.sleep(0.02)
+        os.killpg(grid.pid, signal.SIGINT)
+        grid.wait(timeout=120)
+    finally:
+        if grid.poll() is None:
+            os.killpg(grid.pid, signal.SIGKILL)
+    assert not (out / "runs.jsonl").exists()  # stopped, not finished: nothing logged
+    assert (run / "checkpoint.pt").exists()
+    monkeypatch.setattr(lm_grid, "START_RATES", {"muon": (0.0075,), "adamw": (1e-3,)})
+    monkeypatch.setattr(lm_grid, "SEEDS", (0,))
+    monkeypatch.setattr(lm_grid, "MAX_RATE_RANGE", 1)  # the next sitting: only the stopped run is left
+    assert lm_grid.main(args) == 0
+    [row] = [json.loads(line) for line in (out / "runs.jsonl").open()]
+    assert row["run"] == run.name and row["status"] == "done"
+    assert row["step"] == row["steps"] == math.ceil(0.1 * 45216 / 32)
+    assert "resumed from" in (run / "stdout.txt").read_text()
+    assert not (run / "checkpoint.pt").exists()
 
 
 def test_run_all_gpu_dry_run_lists_the_next_gpu_runs_and_runs_nothing(tmp_path):
