@@ -3,7 +3,7 @@
     python -m benchmarks.study.report                       # print the tables (results/tables.md)
     python -m benchmarks.study.report --update benchmarks/study/RESULTS.md
 
---update replaces each block between `<!-- report:NAME -->` and
+--update also replaces each block between `<!-- report:NAME -->` and
 `<!-- /report:NAME -->` in the file with the table NAME, so the tables in
 RESULTS.md are the generated ones byte for byte. Also writes lm_curves.png and
 mqar.png next to the logs.
@@ -157,14 +157,21 @@ def size_order(size: str) -> tuple:
     return (order.index(size) if size in order else len(order), size)
 
 
-def best_adamw(by, size) -> tuple[CellStat | None, CellStat | None]:
-    """Per attention, the AdamW sweep (over weight decays) with the best seed-0 rate."""
-    out = []
-    for attention in ("softmax", "parallax"):
+def best_cells(by, size) -> tuple[CellStat | None, ...]:
+    """At `size`: softmax/adamw, parallax/adamw (each the weight decay whose
+    seed-0 best is lowest), softmax/muon, parallax/muon, softmax-matched/muon;
+    None for a cell without a seed-0 run."""
+    def adamw(attention):
         stats = [lm_cell_stat(f"{attention}/adamw wd {wd:g}", runs) for (s, cell, wd), runs in by.items()
                  if s == size and cell == f"{attention}/adamw" and any(r["seed"] == 0 for r in runs)]
-        out.append(min(stats, key=lambda c: c.values[0]) if stats else None)
-    return out[0], out[1]
+        return min(stats, key=lambda c: c.values[0]) if stats else None
+
+    def muon(cell):
+        runs = by.get((size, cell, 0.0))
+        return lm_cell_stat(cell, runs) if runs and any(r["seed"] == 0 for r in runs) else None
+
+    return adamw("softmax"), adamw("parallax"), muon("softmax/muon"), muon("parallax/muon"), \
+        muon("softmax-matched/muon")
 
 
 def lm_gap_table(rows) -> str:
@@ -176,12 +183,7 @@ def lm_gap_table(rows) -> str:
              "parallax/muon | gap Muon (spread) | softmax-matched/muon | gap vs matched (spread) | "
              "complete sweeps |", "|---" * 11 + "|"]
     for size in sorted({k[0] for k in by}, key=size_order):
-        def stat(cell):
-            runs = by.get((size, cell, 0.0))
-            return lm_cell_stat(cell, runs) if runs and any(r["seed"] == 0 for r in runs) else None
-
-        soft_a, par_a = best_adamw(by, size)
-        soft_m, par_m, matched = stat("softmax/muon"), stat("parallax/muon"), stat("softmax-matched/muon")
+        soft_a, par_a, soft_m, par_m, matched = best_cells(by, size)
 
         def cell(c):
             return "-" if c is None else f"{fmt(c.mean)} (n={len(c.values)}{'' if c.interior else ', edge'})"
@@ -203,12 +205,7 @@ def lm_claims(rows, label: str) -> list[tuple]:
     by = lm_sweeps(rows)
     claims = []
     for size in sorted({k[0] for k in by}, key=size_order):
-        def stat(cell):
-            runs = by.get((size, cell, 0.0))
-            return lm_cell_stat(cell, runs) if runs and any(r["seed"] == 0 for r in runs) else None
-
-        soft_a, par_a = best_adamw(by, size)
-        soft_m, par_m, matched = stat("softmax/muon"), stat("parallax/muon"), stat("softmax-matched/muon")
+        soft_a, par_a, soft_m, par_m, matched = best_cells(by, size)
         where = f"{size}, {label}"
         for claim, better, other, names in (
                 ("Parallax beats softmax under Muon", par_m, soft_m, ("parallax/muon", "softmax/muon")),
@@ -503,10 +500,9 @@ def main(argv=None):
     parser.add_argument("--update", type=Path, help="a markdown file whose report blocks to regenerate")
     args = parser.parse_args(argv)
     blocks = tables(args.results)
-    if args.update:
+    print("\n".join(f"## {name}\n\n{body}" for name, body in blocks.items()))
+    if args.update:  # as well as printing them: run_all.sh keeps the printout as results/tables.md
         update(args.update, blocks)
-    else:
-        print("\n".join(f"## {name}\n\n{body}" for name, body in blocks.items()))
     short = read_jsonl(args.results / "lm_200steps" / "runs.jsonl")
     if short:
         plot_lm(short, args.results, args.results / "lm_200steps")

@@ -176,7 +176,7 @@ def test_lm_claims_compare_cells_at_their_best_rates():
     assert table.count("none: complete") == 5 and "lr 0.00075 s0" in table  # the wd 0.1 sweeps are still to run
 
 
-def test_report_lists_runs_no_table_shows_and_rewrites_marked_blocks(tmp_path):
+def test_report_lists_runs_no_table_shows_and_rewrites_marked_blocks(tmp_path, capsys):
     results = tmp_path / "results"
     (results / "mqar_cpu").mkdir(parents=True)
     rows = [mqar_row("parallax", "muon", 0.01, 0, (1.0, 1.0), 100), mqar_row("softmax", "muon", 0.01, 1, (0.1, 0.1),
@@ -187,8 +187,9 @@ def test_report_lists_runs_no_table_shows_and_rewrites_marked_blocks(tmp_path):
     assert "softmax/muon lr 0.01 seed 1" in blocks["excluded"] and "no seed-0 run" in blocks["excluded"]
     doc = tmp_path / "RESULTS.md"
     doc.write_text("intro\n<!-- report:mqar-cpu -->\nstale\n<!-- /report:mqar-cpu -->\nend\n")
-    report.update(doc, blocks)
+    report.main(["--results", str(results), "--update", str(doc)])
     assert doc.read_text() == "intro\n<!-- report:mqar-cpu -->\n" + blocks["mqar-cpu"] + "<!-- /report:mqar-cpu -->\nend\n"
+    assert "## mqar-cpu\n\n" + blocks["mqar-cpu"] in capsys.readouterr().out  # run_all.sh keeps it as tables.md
 
 
 # ---------------------------------------------------------------- running
