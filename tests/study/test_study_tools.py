@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.study import lm_grid, mqar, report
+from benchmarks.study import corpus, lm_grid, mqar, report
 from benchmarks.study.correction import correction_ratios
 from benchmarks.study.mqar import IGNORE, mqar_batch
 from benchmarks.study.sweep import next_runs, run_pending, wider_rate
@@ -190,6 +190,21 @@ def test_report_lists_runs_no_table_shows_and_rewrites_marked_blocks(tmp_path, c
     report.main(["--results", str(results), "--update", str(doc)])
     assert doc.read_text() == "intro\n<!-- report:mqar-cpu -->\n" + blocks["mqar-cpu"] + "<!-- /report:mqar-cpu -->\nend\n"
     assert "## mqar-cpu\n\n" + blocks["mqar-cpu"] in capsys.readouterr().out  # run_all.sh keeps it as tables.md
+
+
+def test_corpus_links_sources_outside_test_and_hidden_folders_and_a_second_call_keeps_them(tmp_path, capsys):
+    root, dest = tmp_path / "site", tmp_path / "corpus"
+    for rel in ("pkg/a.py", "pkg/sub/b.py", "pkg/tests/t.py", "pkg/__pycache__/c.py", ".hidden/h.py", "pkg/notes.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"# {rel}\n")
+    kept = ["pkg/a.py", "pkg/sub/b.py"]
+    for _ in range(2):
+        assert corpus.link_sources(root, dest) == (2, sum(len(f"# {rel}\n") for rel in kept))
+        assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == kept
+    assert (dest / "pkg" / "sub" / "b.py").read_text() == "# pkg/sub/b.py\n"
+    with pytest.raises(SystemExit) as exit_info:
+        corpus.main([str(dest), "--root", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "--root" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- running
