@@ -241,7 +241,6 @@ def main(argv=None):
     if args.scale == "gpu" and args.data is None and not args.dry_run:
         parser.error("--scale gpu needs --data (a corpus of a few hundred MB; see RESULTS.md)")
     out = args.out or Path("benchmarks/study/results") / ("lm" if args.scale == "cpu" else "lm_gpu")
-    out.mkdir(parents=True, exist_ok=True)
     deadline = args.deadline
     if args.budget_min is not None:
         deadline = min(deadline or math.inf, time.time() + 60 * args.budget_min)
@@ -256,7 +255,8 @@ def main(argv=None):
         for sweep in sweeps:
             for lr, seed in pending(sweep, rows):
                 print(sweep.run_name(lr, seed))
-        return
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
 
     from parallax.train import load_dataset
 

@@ -251,7 +251,6 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     out = args.out or Path(f"benchmarks/study/results/mqar_{args.scale}")
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "mqar.jsonl"
     done = {run_key(row): row for row in map(json.loads, log.open())} if log.exists() else {}
 
@@ -269,6 +268,7 @@ def main(argv=None):
         for name, _ in plan_runs(groups, start_rates, args.best_seeds, done, set()):
             print(name)
         return 0
+    out.mkdir(parents=True, exist_ok=True)
     deadline = args.deadline
     if args.minutes is not None:
         deadline = min(deadline or math.inf, time.time() + 60 * args.minutes)

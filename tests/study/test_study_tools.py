@@ -18,7 +18,7 @@ from benchmarks.study import corpus, lm_grid, mqar, report
 from benchmarks.study.correction import correction_ratios
 from benchmarks.study.mqar import IGNORE, mqar_batch
 from benchmarks.study.sweep import next_runs, run_pending, wider_rate
-from parallax.models import GPT, GPTConfig
+from parallax.models import GPT, GPTConfig, count_parameters, preset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -281,6 +281,27 @@ def test_lm_grid_stopped_by_ctrl_c_checkpoints_and_the_next_sitting_resumes(tmp_
     assert not (run / "checkpoint.pt").exists()
 
 
+def test_lm_grid_estimate_prices_each_cells_smallest_plan(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert lm_grid.main(["--estimate", "--sizes", "tiny", "--cells", "parallax/muon", "softmax/adamw",
+                             "--batch-size", "2", "--seq-len", "16", "--eval-tokens", "32"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the estimate times one thread
+    lines = capsys.readouterr().out.strip().splitlines()
+    cells = [[field.strip().replace(",", "") for field in line.strip("|").split("|")] for line in lines[2:]]
+    total = 0.0
+    for (size, cell, params, tokens, steps, rate, runs, hours), expected_runs in zip(cells, (6, 12)):
+        assert (size, int(tokens), int(steps)) == ("tiny", 20 * 45216, math.ceil(20 * 45216 / 32))
+        attention = cell.split("/")[0]
+        assert int(params) == count_parameters(preset("tiny", vocab_size=256, attention=attention))
+        assert int(runs) == expected_runs
+        assert float(hours) == pytest.approx(expected_runs * (20 * 45216 + 5 * 32 / 3) / float(rate) / 3600,
+                                             rel=0.002, abs=0.051)
+        total += float(hours)
+    assert cells[-1][0] == "all" and float(cells[-1][-1]) == pytest.approx(total, abs=0.6)
+
+
 def test_run_all_gpu_dry_run_lists_the_next_gpu_runs_and_runs_nothing(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/study/run_all.sh", "--scale", "gpu", "--budget-min", "8", "--dry-run",
                            "--results", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -288,7 +309,7 @@ def test_run_all_gpu_dry_run_lists_the_next_gpu_runs_and_runs_nothing(tmp_path):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cuda 2000 steps T=512 ")  # MQAR at length 512 first
     assert "20m_softmax_adamw_wd0.1_lr0.00075_s0" in lines
-    assert not list(tmp_path.rglob("*.jsonl"))
+    assert not list(tmp_path.iterdir())  # nothing written, not even the log folders
     bad = subprocess.run(["bash", "benchmarks/study/run_all.sh", "--scale", "tpu"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--scale" in bad.stderr
