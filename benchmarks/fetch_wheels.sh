@@ -13,6 +13,9 @@
 #   pytest, pluggy, iniconfig, packaging, pygments
 #                         for `python -m pytest -m gpu` where pytest is not installed
 #   nvidia-cuda-runtime   libcudart.so.13, which fa3-fwd links against; used only if torch does not bring it
+#   parallax-kernel       the Parallax authors' Triton kernels (`parallax.triton.parallax_func`): a baseline
+#                         of bench_train_kernels only; it imports as `parallax`, so gpu.sh leaves it packed
+#                         and the benchmark loads it itself
 # gpu.sh unpacks a wheel only when its distribution is not installed already.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +31,7 @@ WHEELS=(
     packaging==25.0
     pygments==2.19.2
     nvidia-cuda-runtime==13.5.37
+    parallax-kernel==0.1.1
 )
 mkdir -p "$DEST"
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -8,12 +8,18 @@
 #     bash benchmarks/gpu.sh quick        # one short lease: gpu tests (8 processes), bench_decode,
 #                                         # bench_train_kernels --quick, bench_muon --quick
 #     bash benchmarks/gpu.sh decode       # bench_decode alone
+#     bash benchmarks/gpu.sh train        # under 8 minutes: the training-kernel gpu tests (8 processes) and
+#                                         # bench_train_kernels --quick (FA2, fla) with its per-launch breakdown
+#     bash benchmarks/gpu.sh official     # bench_train_kernels at D=128, T=4k against the official Parallax
+#                                         # kernels (their autotuning compiles ~100 configs per shape: minutes)
 #     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
 #
 # Baselines (FA3, fla) and pytest come from the wheels in .whl/, downloaded
 # beforehand with `bash benchmarks/fetch_wheels.sh`: each wheel whose
 # distribution is not installed is unpacked into a temporary directory put on
-# PYTHONPATH (no pip needed). Tables go to benchmarks/results/ (device,
+# PYTHONPATH (no pip needed), except the official Parallax kernels'
+# (parallax_kernel, which imports as `parallax` like this package):
+# bench_train_kernels loads that one itself. Tables go to benchmarks/results/ (device,
 # versions, date in each), logs to out/gpu-logs/; both are copied to $OUT when
 # it is set. Every step has a time limit so that a part stays under 10
 # minutes; a failing step does not stop the others, and the exit status is
@@ -27,8 +33,8 @@ PARTS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1 | 2 | quick | decode) PARTS+=("$arg") ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode]" >&2; exit 2 ;;
+        1 | 2 | quick | decode | train | official) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode] [train] [official]" >&2; exit 2 ;;
     esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
@@ -59,6 +65,9 @@ from pathlib import Path
 site, cudart, *wheels = sys.argv[1:]
 for wheel in wheels:
     name = Path(wheel).name.split("-")[0]
+    if name == "parallax_kernel":
+        print(f"wheels: {wheel}: the official baseline, loaded by bench_train_kernels")
+        continue
     try:
         found = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -118,6 +127,8 @@ fi
 command -v nvidia-smi >/dev/null && [ "$DRY_RUN" = 0 ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
 for part in "${PARTS[@]}"; do
+    echo
+    echo "=== part $part"
     if [ "$part" = 1 ]; then
         run_step gpu-tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
         run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
@@ -126,12 +137,19 @@ for part in "${PARTS[@]}"; do
         # Compiling dominates the tests on a fresh machine: spread them over processes.
         run_step gpu-tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 --continue-on-collection-errors
         run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
+        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 FA3 fla
         run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
     elif [ "$part" = decode ]; then
         run_step bench_decode 150 "$PYTHON" -m benchmarks.bench_decode
+    elif [ "$part" = train ]; then
+        run_step gpu-tests-train 210 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+            tests/kernels/test_triton_parallel.py
+        run_step bench_train_kernels 240 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla
+    elif [ "$part" = official ]; then
+        run_step bench_train_official 540 "$PYTHON" -m benchmarks.bench_train_kernels --head-dims 128 \
+            --seq-lens 4096 --windows none --baselines official FA2 --tag official
     else
-        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
+        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels --baselines FA2 FA3 fla
         run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda
         if [ -f benchmarks/bench_torch_path.py ]; then
             run_step bench_torch_path 120 "$PYTHON" -m benchmarks.bench_torch_path
