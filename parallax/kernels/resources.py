@@ -36,6 +36,8 @@ def wide_float32(dtype, head_dim: int) -> bool:
     """float32 (a torch dtype or its name) wider than FLOAT32_MAX_HEAD_DIM:
     the dispatchers send it to the torch path unless told otherwise."""
     return str(dtype).removeprefix("torch.") == "float32" and head_dim > FLOAT32_MAX_HEAD_DIM
+
+
 # The GPUs the AOT tool compiles for: opt-in shared memory per block, SM count.
 GPUS = {
     90: {"max_shared_mem": 232448, "multiprocessor_count": 132, "name": "H100"},
