@@ -142,9 +142,9 @@ for part in "${PARTS[@]}"; do
     elif [ "$part" = decode ]; then
         run_step bench_decode 150 "$PYTHON" -m benchmarks.bench_decode
     elif [ "$part" = train ]; then
-        run_step gpu-tests-train 210 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+        run_step gpu-tests-train 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 \
             tests/kernels/test_triton_parallel.py
-        run_step bench_train_kernels 240 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla
+        run_step bench_train_kernels 230 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla
     elif [ "$part" = official ]; then
         run_step bench_train_official 540 "$PYTHON" -m benchmarks.bench_train_kernels --head-dims 128 \
             --seq-lens 4096 --windows none --baselines official FA2 --tag official
