@@ -114,7 +114,8 @@ def tflops(causal_coefficient, B, L, D, heads, window, ms):
 
 
 @functools.lru_cache(maxsize=None)
-def _l2_flush(device):
+def _shared_l2_flush(device):
+    """One flush buffer per device for every measurement."""
     return l2_flush(torch.device(device))
 
 
@@ -123,7 +124,7 @@ def median_ms(fn, device):
     the L2 cache flushed before each; on CPU (the smoke run) one."""
     cuda = device == "cuda"
     return measure({"run": fn}, torch.device(device), REPEATS if cuda else 1,
-                   before_each=_l2_flush(device) if cuda else None)["run"].median
+                   before_each=_shared_l2_flush(device) if cuda else None)["run"].median
 
 
 # ---------------------------------------------------------------- baselines
