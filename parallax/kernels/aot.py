@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from . import resources
@@ -263,6 +263,8 @@ def _pool(jobs: int):
 class ResultCache:
     """Rows by job key, one JSON object per line."""
 
+    CACHED = tuple(f.name for f in fields(Row))
+
     def __init__(self, directory: str | None):
         self.path = None if not directory else Path(directory) / "rows.jsonl"
         self.rows: dict[str, dict] = {}
@@ -273,8 +275,9 @@ class ResultCache:
 
     def get(self, job: Job) -> Row | None:
         entry = self.rows.get(job.key)
-        if entry is None:
+        if entry is None or not set(self.CACHED) <= entry.keys():  # written before a column was added
             return None
+        entry = {name: entry[name] for name in self.CACHED}
         s = job.scenario
         return Row(**{**entry, "launcher": s.kind, "kernel": job.kernel, "arch": s.arch, "dtype": s.dtype,
                       "head_dim": s.head_dim, "flags": s.flags(), "config": job.label, "kept": job.kept})
