@@ -13,6 +13,9 @@
 #   pytest, pluggy, iniconfig, packaging, pygments
 #                         for `python -m pytest -m gpu` where pytest is not installed
 #   nvidia-cuda-runtime   libcudart.so.13, which fa3-fwd links against; used only if torch does not bring it
+#   parallax-kernel       the Parallax authors' Triton kernels (`parallax.triton.parallax_func`): a baseline
+#                         of bench_train_kernels only; it imports as `parallax`, so gpu.sh leaves it packed
+#                         and the benchmark loads it itself
 # and, for bench_decode's "official" column (the Parallax authors' CuTeDSL decode kernel, sm_90), about 50 MB:
 #   nvidia-cutlass-dsl    4.1.0, the version their pyproject pins, recompressed (LZMA: 58 -> 42 MB, a few minutes)
 #   cuda-bindings         12.9 (cutlass-dsl 4.1 needs cuda-python < 13), cuda-pathfinder (its one need)
@@ -33,6 +36,7 @@ WHEELS=(
     packaging==25.0
     pygments==2.19.2
     nvidia-cuda-runtime==13.5.37
+    parallax-kernel==0.1.1
     nvidia-cutlass-dsl==4.1.0
     cuda-bindings==12.9.10
     cuda-pathfinder==1.9.1

@@ -9,18 +9,24 @@
 #                                         # bench_train_kernels --quick, bench_muon --quick
 #     bash benchmarks/gpu.sh decode       # under 6 minutes: the decode and generate gpu tests, bench_decode,
 #                                         # bench_generate
-#     bash benchmarks/gpu.sh official     # bench_decode with the official kernel's column (it compiles per
-#                                         # shape), to its own table: decode_official_<device>.md
+#     bash benchmarks/gpu.sh train        # under 8 minutes: the training-kernel gpu tests (8 processes) and
+#                                         # bench_train_kernels --quick (FA2, fla) with its per-launch breakdown
+#     bash benchmarks/gpu.sh decode-official  # bench_decode with the official decode kernel's column (it
+#                                         # compiles per shape), to its own table: decode_official_<device>.md
+#     bash benchmarks/gpu.sh train-official   # bench_train_kernels at D=128, T=4k against the official Parallax
+#                                         # Triton kernels (their autotuning compiles ~100 configs per shape: minutes)
 #     bash benchmarks/gpu.sh --dry-run    # unpack the wheels, try the imports, print the plan; runs nothing
 #
-# Baselines (FA3, fla, the Parallax authors' decode kernel) and pytest come
-# from .whl/, filled beforehand by `bash benchmarks/fetch_wheels.sh`: each
-# wheel whose distribution is not installed (the official kernel's stack: not
-# at the same major version) is unpacked into a temporary directory put on
-# PYTHONPATH (no pip needed); the
-# official kernel's stack (cutlass-dsl, cuda-bindings 12) goes on it for the
-# `official` part only. .whl/ need not travel whole: a part uses the wheels
-# that are there (FA3's and the official kernel's together are about 80 MB).
+# Baselines (FA3, fla, the Parallax authors' kernels) and pytest come from
+# .whl/, filled beforehand by `bash benchmarks/fetch_wheels.sh`: each wheel
+# whose distribution is not installed (the official decode kernel's stack:
+# not at the same major version) is unpacked into a temporary directory put
+# on PYTHONPATH (no pip needed). The official decode kernel's stack
+# (cutlass-dsl, cuda-bindings 12) goes on it for the `decode-official` part
+# only; the official Triton kernels' wheel (parallax_kernel, which imports as
+# `parallax` like this package) stays packed: bench_train_kernels loads it
+# itself. .whl/ need not travel whole: a part uses the wheels that are there
+# (FA3's and the official decode kernel's together are about 80 MB).
 # Tables go to benchmarks/results/ (device,
 # versions, date in each), logs to out/gpu-logs/; both are copied to $OUT when
 # it is set. Every step has a time limit so that a part stays under 10
@@ -35,8 +41,9 @@ PARTS=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1 | 2 | quick | decode | official) PARTS+=("$arg") ;;
-        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode] [official]" >&2; exit 2 ;;
+        1 | 2 | quick | decode | train | decode-official | train-official) PARTS+=("$arg") ;;
+        *) echo "usage: bash benchmarks/gpu.sh [--dry-run] [1] [2] [quick] [decode] [train] [decode-official]" \
+                "[train-official]" >&2; exit 2 ;;
     esac
 done
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2)
@@ -52,7 +59,7 @@ unpack_wheels() {
     # Pure-python wheels and fa3-fwd's extension onto PYTHONPATH; the CUDA
     # runtime wheel aside, used below only if fa3-fwd cannot load without it;
     # the official kernel's stack aside too (OFFICIAL_PATH), with the paths
-    # its .pth files name, for the `official` part alone: cuda-bindings 12
+    # its .pth files name, for the `decode-official` part alone: cuda-bindings 12
     # there hides the machine's own.
     local site="$WORK/site" cudart="$WORK/cudart" official="$WORK/official"
     shopt -s nullglob
@@ -71,6 +78,9 @@ site, cudart, official, *wheels = sys.argv[1:]
 OFFICIAL_STACK = ("nvidia_cutlass_dsl", "cuda_bindings", "cuda_pathfinder")
 for wheel in wheels:
     name, version = Path(wheel).name.split("-")[:2]
+    if name == "parallax_kernel":
+        print(f"wheels: {wheel}: the official baseline, loaded by bench_train_kernels")
+        continue
     try:
         found = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -150,15 +160,17 @@ fi
 command -v nvidia-smi >/dev/null && [ "$DRY_RUN" = 0 ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 
 for part in "${PARTS[@]}"; do
+    echo
+    echo "=== part $part"
     if [ "$part" = 1 ]; then
-        run_step gpu-tests 240 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
+        run_step gpu-tests 210 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
         run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
         run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda
     elif [ "$part" = quick ]; then
         # Compiling dominates the tests on a fresh machine: spread them over processes.
         run_step gpu-tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 --continue-on-collection-errors
         run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick
+        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 FA3 fla
         run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
     elif [ "$part" = decode ]; then
         run_step gpu-tests-decode 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
@@ -167,13 +179,20 @@ for part in "${PARTS[@]}"; do
             tests/benchmarks/test_tools.py
         run_step bench_decode 110 "$PYTHON" -m benchmarks.bench_decode
         run_step bench_generate 160 "$PYTHON" -m benchmarks.bench_generate --device cuda
-    elif [ "$part" = official ]; then
+    elif [ "$part" = train ]; then
+        run_step gpu-tests-train 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 \
+            tests/kernels/test_triton_parallel.py
+        run_step bench_train_kernels 230 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla
+    elif [ "$part" = decode-official ]; then
         # Its own table: FA3's wheels and the official kernel's may not travel together. The rows are
         # saved as they finish: a run stopped by the limit keeps them.
         run_step bench_decode_official 300 env PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" \
             "$PYTHON" -m benchmarks.bench_decode --prefix decode_official
+    elif [ "$part" = train-official ]; then
+        run_step bench_train_official 420 "$PYTHON" -m benchmarks.bench_train_kernels --head-dims 128 \
+            --seq-lens 4096 --windows none --baselines official FA2 --tag official
     else
-        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels
+        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels --baselines FA2 FA3 fla
         run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda
         if [ -f benchmarks/bench_torch_path.py ]; then
             run_step bench_torch_path 120 "$PYTHON" -m benchmarks.bench_torch_path

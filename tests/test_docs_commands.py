@@ -117,6 +117,8 @@ RULES = [
     Rule("torchrun --nproc_per_node 2 train.py", append=TRAIN_SHORT, env=free_port_env, check=check_ddp),
     Rule("python -m benchmarks.bench_muon", append=("--quick", "--repeats", "1", "--device", "cpu", "--out", "muon.md")),
     Rule("python -m benchmarks.bench_train_kernels", append=("--quick",), needs_cuda=True),
+    # The benchmark's smoke run in the Triton interpreter: one tiny cell, every step (checks, timing, breakdown).
+    Rule("python -m benchmarks.bench_train_kernels --device cpu", append=("--out", "train.md")),
     Rule("python -m benchmarks.bench_decode", needs_cuda=True),
     Rule("python benchmarks/bench_decode.py", needs_cuda=True),
     # The full sweep is ~15 CPU-minutes; docs commands run the CI subset (tests/kernels/test_aot.py checks its rows).

@@ -10,10 +10,14 @@ flags) calls the real launcher on small CPU tensors under
 `aot_capture.capture`, which records the launches and the autotune configs
 the pruner keeps for that GPU; each distinct (kernel, specialisation, config)
 is then compiled once, in parallel worker processes, and printed as one row:
-shared memory, registers and spill bytes from ptxas, whether Hopper's wgmma
-is used. The exit status is 1 when a kept config cannot launch (shared memory
-over the GPU's per-block limit, more registers than a block may hold) or
-spills more than SPILL_BUDGET bytes; rows of configs the pruner drops
+shared memory, registers and spill bytes from ptxas beside the registers the
+resource model predicts, whether Hopper's wgmma is used, and what the main
+loop does (`aot_structure`: its MMA instruction shapes, `bar.sync` and
+`ldmatrix` per iteration, dots computed twice by surplus warps). The exit
+status is 1 when a kept config cannot launch (shared memory over the GPU's
+per-block limit, more registers than a block may hold), spills more than
+SPILL_BUDGET bytes, or, for a training kernel on sm_90 with wgmma, breaks the
+structure rules of `Row.structure_problems`; rows of configs the pruner drops
 (`--all-configs`) are shown but never fail the run.
 
 Results are cached by kernel source, specialisation, config and Triton
@@ -31,20 +35,28 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from . import resources
 from .aot_scenarios import DECODE_LAYOUTS, TRAINING_KINDS, Scenario
-from .resources import REGISTERS_PER_BLOCK, SPILL_BUDGET
+from .resources import GPUS, REGISTERS_PER_BLOCK, SPILL_BUDGET
 
 ARCHS = (90, 80)
 DTYPES = ("bfloat16", "float16", "float32")
 HEAD_DIMS = (64, 80, 128, 256)
 KINDS = TRAINING_KINDS + ("decode",)
-# Limits of the GPUs compiled for (aot_capture.DEVICES has the same shared
-# sizes); SPILL_BUDGET: ptxas spill stores per thread a kept config may have
-# (a few bytes in a cold path are harmless, hundreds in the main loop are not).
-MAX_SHARED = {90: 232448, 80: 166912}
+# (launcher, kernel) -> the resource model's kernel (resources.KERNELS), for
+# the predicted registers.
+MODEL_KERNELS = {
+    ("forward", "_parallax_fwd_kernel"): "forward",
+    ("backward", "_parallax_bwd_dkdv_kernel"): "backward_kv",
+    ("backward", "_parallax_bwd_dq_kernel"): "backward_q",
+    ("backward_fused", "_parallax_bwd_dkdv_kernel"): "backward_kv_fused",
+}
+# The dK/dV main loop on sm_90 at most: a barrier per layout change through
+# shared memory; the forward's loop has 2.
+MAX_LOOP_BARRIERS = 8
 # Flags the table shows in their own column, not in the config.
 _DESCRIBED = {"HEAD_DIM", "BLOCK_D", "GROUP", "IS_CAUSAL", "HAS_WINDOW", "IS_VARLEN", "DOT_PRECISION", "FUSED",
               "PAGED", "APPEND", "PAGE_SIZE"}
@@ -102,6 +114,17 @@ class Job:
     kernel: str
     label: str           # the config, for the table
     key: str             # hash of what decides the binary
+    tiling: tuple | None = None  # (BLOCK_M, BLOCK_N, num_warps, num_stages) of a training kernel's config
+
+    def predicted_registers(self) -> int | None:
+        """The resource model's estimate, for the kernels it models."""
+        model = MODEL_KERNELS.get((self.scenario.kind, self.kernel))
+        if model is None or self.tiling is None:
+            return None
+        s = self.scenario
+        elem_bytes = 4 if s.dtype == "float32" else 2
+        return round(resources.registers(model, s.arch, elem_bytes, resources.head_block(s.head_dim),
+                                         resources.Tiling(*self.tiling)))
 
 
 @dataclass
@@ -119,17 +142,44 @@ class Row:
     spill: int
     wgmma: bool
     num_warps: int
+    loop_mma: str = "-"      # the main loop's MMA instructions (aot_structure.LoopStructure.mma_text)
+    loop_wgmma: bool = False
+    barriers: int = 0        # bar.sync in the main loop
+    ldmatrix: int = 0        # ldmatrix in the main loop
+    dots: int = 0
+    duplicated: int = 0      # dots computed by surplus warps too
+    predicted: int | None = None  # registers by the resource model (not cached: the model may change)
     verdict: str = ""
+
+    def structure_problems(self) -> list[str]:
+        """Where a training kernel runs wgmma on sm_90: no dot computed twice
+        by surplus warps and no m64n8 wgmma (the tensor cores at a quarter of
+        their width); in the dK/dV kernel also no operand re-read into
+        registers in the loop (ldmatrix) and at most MAX_LOOP_BARRIERS
+        barriers per iteration."""
+        if self.arch < 90 or not self.loop_wgmma or (self.launcher, self.kernel) not in MODEL_KERNELS:
+            return []
+        problems = []
+        if self.duplicated:
+            problems.append("duplicated")
+        if "m64n8k" in self.loop_mma:
+            problems.append("m64n8")
+        if self.kernel == "_parallax_bwd_dkdv_kernel":
+            if self.ldmatrix:
+                problems.append("ldmatrix")
+            if self.barriers > MAX_LOOP_BARRIERS:
+                problems.append(f"bar.sync>{MAX_LOOP_BARRIERS}")
+        return problems
 
     def judge(self) -> str:
         problems = []
-        if self.shared > MAX_SHARED[self.arch]:
+        if self.shared > GPUS[self.arch]["max_shared_mem"]:
             problems.append("shared>limit")
         if self.registers * 32 * self.num_warps > REGISTERS_PER_BLOCK:
             problems.append("registers>limit")
         if self.spill > SPILL_BUDGET:
             problems.append("spills")
-        return ",".join(problems) or "ok"
+        return ",".join(problems + self.structure_problems()) or "ok"
 
 
 # ---------------------------------------------------------------- workers
@@ -177,8 +227,11 @@ def list_jobs(scenario: Scenario, all_configs: bool, first_only: bool) -> list[J
                 choices = [choice for choice in choices if choice[2]]
         for i, config, kept in choices:
             spec = repr((triton.__version__, scenario.arch, specialisation(launch, config)))
+            tiling = None
+            if config is not None and {"BLOCK_M", "BLOCK_N"} <= set(config.kwargs):
+                tiling = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
             jobs.append(Job(scenario, index, i, kept, launch.name, _config_label(launch, config),
-                            hashlib.sha256(spec.encode()).hexdigest()))
+                            hashlib.sha256(spec.encode()).hexdigest(), tiling))
     return jobs
 
 
@@ -188,11 +241,10 @@ def compile_job(job: Job) -> Row:
     launch = _launches(job.scenario)[job.launch]
     config = None if job.config is None else launch.candidates[job.config]
     stats = compile_launch(launch, job.scenario.arch, config)
-    s = job.scenario
-    row = Row(s.kind, job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, stats.shared,
-              stats.registers, stats.spill_stores, stats.wgmma, stats.num_warps)
-    row.verdict = row.judge()
-    return row
+    s, loop = job.scenario, stats.structure
+    return Row(s.kind, job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, stats.shared,
+               stats.registers, stats.spill_stores, stats.wgmma, stats.num_warps, loop.mma_text(), loop.wgmma,
+               loop.barriers, loop.ldmatrix, loop.dots, loop.duplicated)
 
 
 def _worker_init():
@@ -211,6 +263,8 @@ def _pool(jobs: int):
 class ResultCache:
     """Rows by job key, one JSON object per line."""
 
+    CACHED = tuple(f.name for f in fields(Row))
+
     def __init__(self, directory: str | None):
         self.path = None if not directory else Path(directory) / "rows.jsonl"
         self.rows: dict[str, dict] = {}
@@ -221,13 +275,12 @@ class ResultCache:
 
     def get(self, job: Job) -> Row | None:
         entry = self.rows.get(job.key)
-        if entry is None:
+        if entry is None or not set(self.CACHED) <= entry.keys():  # written before a column was added
             return None
+        entry = {name: entry[name] for name in self.CACHED}
         s = job.scenario
-        row = Row(**{**entry, "launcher": s.kind, "kernel": job.kernel, "arch": s.arch, "dtype": s.dtype, "head_dim": s.head_dim,
-                     "flags": s.flags(), "config": job.label, "kept": job.kept})
-        row.verdict = row.judge()
-        return row
+        return Row(**{**entry, "launcher": s.kind, "kernel": job.kernel, "arch": s.arch, "dtype": s.dtype,
+                      "head_dim": s.head_dim, "flags": s.flags(), "config": job.label, "kept": job.kept})
 
     def put(self, job: Job, row: Row) -> None:
         if self.path is None:
@@ -237,14 +290,15 @@ class ResultCache:
             f.write(json.dumps({"key": job.key, "row": asdict(row)}) + "\n")
 
 
-COLUMNS = ("launcher", "kernel", "arch", "dtype", "D", "flags", "config", "kept", "shared", "registers", "spill", "wgmma",
-           "verdict")
+COLUMNS = ("launcher", "kernel", "arch", "dtype", "D", "flags", "config", "kept", "shared", "registers", "model",
+           "spill", "wgmma", "loop MMA", "bar.sync", "ldmatrix", "dup dots", "verdict")
 
 
 def row_cells(row: Row) -> list[str]:
     return [row.launcher, row.kernel, f"sm_{row.arch}", row.dtype, str(row.head_dim), row.flags, row.config,
-            "yes" if row.kept else "pruned", str(row.shared), str(row.registers), str(row.spill),
-            "yes" if row.wgmma else "no", row.verdict]
+            "yes" if row.kept else "pruned", str(row.shared), str(row.registers),
+            "-" if row.predicted is None else str(row.predicted), str(row.spill), "yes" if row.wgmma else "no",
+            row.loop_mma, str(row.barriers), str(row.ldmatrix), f"{row.duplicated}/{row.dots}", row.verdict]
 
 
 def markdown(rows: list[Row], command: str, seconds: float) -> str:
@@ -255,8 +309,13 @@ def markdown(rows: list[Row], command: str, seconds: float) -> str:
         "# AOT compile table",
         "",
         f"`{command}` with triton {triton.__version__} (ptxas from its wheel), {seconds / 60:.1f} min.",
-        f"Limits: shared memory per block {MAX_SHARED[90]} B (sm_90), {MAX_SHARED[80]} B (sm_80); "
-        f"{REGISTERS_PER_BLOCK} registers per block; spill budget {SPILL_BUDGET} B of spill stores per thread.",
+        f"Limits: shared memory per block {GPUS[90]['max_shared_mem']} B (sm_90), {GPUS[80]['max_shared_mem']} B "
+        f"(sm_80); {REGISTERS_PER_BLOCK} registers per block; spill budget {SPILL_BUDGET} B of spill stores per "
+        f"thread. `model`: registers the resource model predicts (parallax/kernels/resources.py). `loop MMA`, "
+        f"`bar.sync`, `ldmatrix`: the main loop's instructions (static counts over its body); `dup dots`: dots "
+        f"computed by surplus warps too, of all dots. On sm_90 a training kernel's wgmma loop fails with a "
+        f"duplicated dot or an m64n8 wgmma, the dK/dV loop also with ldmatrix or more than {MAX_LOOP_BARRIERS} "
+        f"bar.sync.",
         f"{len(rows)} compiles, {sum(r.kept for r in rows)} of kept configs, {len(failing)} kept configs failing.",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -266,14 +325,11 @@ def markdown(rows: list[Row], command: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_table(text: str) -> list[dict]:
-    """Rows of a table written by `markdown`, as dicts keyed by COLUMNS."""
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == len(COLUMNS) and cells[0] != COLUMNS[0] and not cells[0].startswith("---"):
-            rows.append(dict(zip(COLUMNS, cells)))
-    return rows
+def _finish(row: Row, job: Job) -> Row:
+    """Add what is not cached: the model's prediction and the verdict."""
+    row.predicted = job.predicted_registers()
+    row.verdict = row.judge()
+    return row
 
 
 def _sort_key(row: Row):
@@ -317,7 +373,7 @@ def main(argv=None) -> int:
         rows, todo = [], []
         for job in jobs:
             cached = cache.get(job)
-            (todo.append(job) if cached is None else rows.append(cached))
+            (todo.append(job) if cached is None else rows.append(_finish(cached, job)))
         print(f"{len(scenarios)} scenarios, {len(jobs)} distinct compiles, {len(rows)} cached, "
               f"{len(todo)} to compile on {args.jobs} processes", flush=True)
         print("\t".join(COLUMNS), flush=True)
@@ -331,16 +387,17 @@ def main(argv=None) -> int:
             except Exception as err:  # a compile error is a failing row, not the end of the sweep
                 s = job.scenario
                 row = Row(s.kind, job.kernel, s.arch, s.dtype, s.head_dim, s.flags(), job.label, job.kept, -1, -1, -1,
-                          False, 0, f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                          False, 0, verdict=f"compile error: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
             else:
                 cache.put(job, row)
+                _finish(row, job)
             rows.append(row)
             print("\t".join(row_cells(row)), flush=True)
     rows.sort(key=_sort_key)
     seconds = time.time() - start
     failing = [r for r in rows if r.kept and r.verdict != "ok"]
-    print(f"{len(rows)} compiles in {seconds / 60:.1f} min; {len(failing)} kept configs fail "
-          f"(shared memory, registers, or more than {SPILL_BUDGET} B of spills)")
+    print(f"{len(rows)} compiles in {seconds / 60:.1f} min; {len(failing)} kept configs fail (shared memory, "
+          f"registers, more than {SPILL_BUDGET} B of spills, or the sm_90 structure rules)")
     for row in failing:
         print("FAIL\t" + "\t".join(row_cells(row)))
     if args.out:

@@ -10,7 +10,8 @@ runs. `compile_launch` then compiles one launch with one config through
 Triton's own JIT path (`JITFunction.run(..., warmup=True)`), so what is
 compiled is exactly what a real launch would compile: same signature, same
 specialisation, same constexprs. Registers and spills come from ptxas's
-verbose log.
+verbose log, the main loop's instructions from the PTX and TTGIR
+(`aot_structure`).
 
 Imports triton: run it where TRITON_INTERPRET is unset (`aot.py` does).
 """
@@ -27,13 +28,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-# Per-block opt-in shared memory and SM count of the GPUs compiled for.
-DEVICES = {
-    90: {"max_shared_mem": 232448, "multiprocessor_count": 132, "name": "H100"},
-    80: {"max_shared_mem": 166912, "multiprocessor_count": 108, "name": "A100"},
-}
-REGISTERS_PER_BLOCK = 65536
-MAX_REGISTERS_PER_THREAD = 255
+from .aot_structure import LoopStructure, loop_structure
+from .resources import GPUS, REGISTERS_PER_BLOCK
 
 
 class _Utils:
@@ -41,7 +37,7 @@ class _Utils:
         self.arch = arch
 
     def get_device_properties(self, device):
-        props = DEVICES[self.arch]
+        props = GPUS[self.arch]
         return {"max_shared_mem": props["max_shared_mem"], "multiprocessor_count": props["multiprocessor_count"],
                 "max_num_regs": REGISTERS_PER_BLOCK, "warpSize": 32}
 
@@ -163,6 +159,7 @@ class CompileStats:
     spill_loads: int
     wgmma: bool       # Hopper warpgroup MMA in the PTX
     num_warps: int
+    structure: LoopStructure  # what the main loop does (aot_structure)
 
 
 def compile_launch(launch: Launch, arch: int, config=None) -> CompileStats:
@@ -188,4 +185,5 @@ def compile_launch(launch: Launch, arch: int, config=None) -> CompileStats:
         shared=int(compiled.metadata.shared), registers=int(registers.group(1)),
         spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
         wgmma="wgmma" in compiled.asm["ptx"], num_warps=int(compiled.metadata.num_warps),
+        structure=loop_structure(compiled.asm["ttgir"], compiled.asm["ptx"]),
     )

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 
 import torch
 
-TRAINING_KINDS = ("forward", "backward", "backward_deterministic")
+# "backward": the default three-launch backward (deterministic=True);
+# "backward_fused": the one-launch backward with atomics (deterministic=False).
+TRAINING_KINDS = ("forward", "backward", "backward_fused")
 DECODE_LAYOUTS = ("contiguous", "paged")
 
 
 @dataclass(frozen=True)
 class Scenario:
-    kind: str                 # "forward", "backward", "backward_deterministic" or "decode"
+    kind: str                 # one of TRAINING_KINDS or "decode"
     arch: int
     dtype: str                # torch dtype name: "bfloat16", "float16", "float32"
     head_dim: int
@@ -61,7 +63,7 @@ def _training_call(s: Scenario):
         return
     stats = torch.zeros(1, HQ, T)
     parallax_bwd(grad, q, r, k, v, q, stats, stats, q, scale, s.causal, window, cu,
-                 deterministic=s.kind == "backward_deterministic")
+                 deterministic=s.kind == "backward")
 
 
 def decode_supported(dtype: str, head_dim: int) -> bool:

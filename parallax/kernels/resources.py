@@ -36,6 +36,13 @@ def wide_float32(dtype, head_dim: int) -> bool:
     """float32 (a torch dtype or its name) wider than FLOAT32_MAX_HEAD_DIM:
     the dispatchers send it to the torch path unless told otherwise."""
     return str(dtype).removeprefix("torch.") == "float32" and head_dim > FLOAT32_MAX_HEAD_DIM
+
+
+# The GPUs the AOT tool compiles for: opt-in shared memory per block, SM count.
+GPUS = {
+    90: {"max_shared_mem": 232448, "multiprocessor_count": 132, "name": "H100"},
+    80: {"max_shared_mem": 166912, "multiprocessor_count": 108, "name": "A100"},
+}
 MAX_REGISTERS = 255            # per thread, what ptxas allocates before spilling
 SPILL_BUDGET = 64              # bytes of spill stores per thread a kept config may have
 REGISTERS_PER_BLOCK = 65536
@@ -67,25 +74,30 @@ KERNELS = {
     # k, v resident; q, r, dO streamed; s1, s2, g scores; dk, dv accumulators.
     "backward_kv": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3),
     "backward_kv_fused": dict(resident=("n", 2), streamed=("m", 3), accumulators=("n", 2), scores=3,
-                              transposes=True, products=("m", 1)),
+                              transposes=True, products=("m", 2)),
     # q, r, dO resident; k, v streamed; s1, s2, g scores; dq, dr accumulators.
     "backward_q": dict(resident=("m", 3), streamed=("n", 2), accumulators=("m", 2), scores=3),
 }
-# Register weights (accumulator, score, resident operand, per warp, fixed)
-# per kernel and kind of product: "wgmma" (Hopper, operands from shared
-# memory), "mma" (mma.sync: operands in registers, and the warps beyond the
-# score tile's rows hold copies), "fma" (float32, no tensor cores). Fitted to
-# the AOT table (`--all-configs` at sm_90 and sm_80, heaviest flags);
-# float32 code differs enough between sm_80 and sm_90 to be fitted apart.
+# Register weights of `register_terms` (accumulator and product elements,
+# score elements, operand words, warps, 1) per kernel and kind of product:
+# "wgmma" (Hopper, operands from shared memory), "mma" (mma.sync: operands in
+# registers, and the warps beyond the score tile's rows hold copies), "fma"
+# (float32, no tensor cores; sm_90's code differs enough to be fitted apart).
+# Fitted (a grid search, fewest wrong fit / no-fit verdicts first, then fewest
+# estimates off by more than 10%) to every candidate compiled at the
+# heaviest flags: the dK/dV kernels' for sm_90 and sm_80, bfloat16, D = 64,
+# 128, 256 after their rewrite; the forward's and dQ's from
+# benchmarks/results/aot_candidates.md. The float32 dK/dV weights predate the
+# rewrite (refit owed with the full sweep).
 WEIGHTS = {
-    "forward": {"wgmma": (1.2, 1.0, 0.0, 0, 68), "mma": (1.0, 1.5, 0.0, 0, 112), "fma": (1.2, 1.0, 1.0, 0, 100),
-                "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
-    "backward_kv": {"wgmma": (1.2, 0.5, 0.0, 0, 141), "mma": (1.2, 1.0, 1.0, 8, 106),
+    "forward": {"wgmma": (0.5, 2.25, 1.0, 2, 33), "mma": (0.8, 2.0, 0.75, 2, 65), "fma": (1.0, 3.0, 2.0, 10, -56),
+                "fma_sm90": (0.5, 2.0, 1.75, 0, 68)},
+    "backward_kv": {"wgmma": (0.8, 1.75, 0.5, -2, 67), "mma": (1.2, 2.75, 2.0, 16, -62),
                     "fma": (1.2, 1.0, 1.0, 0, 156), "fma_sm90": (1.2, 1.0, 1.0, 0, 156)},
-    "backward_kv_fused": {"wgmma": (1.2, 0.5, 0.0, 0, 155), "mma": (1.2, 1.0, 1.0, 8, 84),
+    "backward_kv_fused": {"wgmma": (0.7, 1.0, 0.25, 0, 123), "mma": (1.6, 0.0, 2.0, -10, 76),
                           "fma": (1.2, 1.0, 1.0, 0, 148), "fma_sm90": (1.2, 1.0, 1.0, 8, 140)},
-    "backward_q": {"wgmma": (1.2, 0.5, 0.0, 0, 90), "mma": (1.2, 1.0, 1.0, 0, 96), "fma": (1.2, 1.0, 1.0, 0, 100),
-                   "fma_sm90": (1.2, 1.0, 1.0, 0, 100)},
+    "backward_q": {"wgmma": (0.4, 1.25, 1.25, 2, 1), "mma": (1.1, 1.0, 1.75, 8, -11),
+                   "fma": (0.6, 1.5, 0.5, -2, 132), "fma_sm90": (0.5, 2.75, 0.0, -10, 144)},
 }
 
 
@@ -94,17 +106,23 @@ WEIGHTS = {
 # tile (BLOCK_M rows, two float32 accumulators) resident and streams BLOCK_N
 # keys; dK/dV keeps BLOCK_N keys (two accumulators) and streams BLOCK_M
 # queries; dQ mirrors the forward. Score tiles feed a second product, so
-# Triton puts all warps along their rows: 16 or more rows per warp there
-# (BLOCK_M for the forward and dQ, BLOCK_N for dK/dV) avoids computing them
-# twice. The small tilings serve head dim 256 and float32.
+# Triton puts all warps along their rows: on Hopper 16 rows per warp there
+# (BLOCK_M for the forward and dQ, BLOCK_N for dK/dV) or the surplus
+# warpgroups compute the same rows again (`duplicates_work`). The small
+# tilings serve sm_80 (mma.sync), head dim 256 and float32.
 CANDIDATES = {
     "forward": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 3), (64, 16, 8, 2),
                 (32, 16, 4, 1), (16, 32, 4, 1)],
-    "backward_kv": [(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1),
-                    (16, 32, 4, 1), (16, 16, 4, 1)],
+    "backward_kv": [(32, 128, 8, 2), (32, 64, 4, 2), (16, 128, 8, 2), (16, 64, 4, 2), (16, 64, 8, 2),
+                    (16, 64, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
     "backward_q": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 8, 1),
                    (32, 16, 8, 1), (16, 32, 4, 1)],
 }
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded to a power of two (masked), at least 16 for tl.dot."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -136,6 +154,15 @@ def uses_wgmma(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> bool:
     return arch >= 90 and elem_bytes == 2 and _score_rows(kernel, t) >= 64 and t.num_warps % 4 == 0
 
 
+def duplicates_work(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> bool:
+    """On Hopper, Triton gives chained tensor-core products (wgmma, and
+    mma.sync below 64 rows) one warp per 16 rows (warpsPerCTA [num_warps,
+    1]): with fewer rows, the surplus warps compute the same rows again, and
+    the layouts the other products get cost barriers (the AOT table's `dup
+    dots`)."""
+    return arch >= 90 and elem_bytes == 2 and _score_rows(kernel, t) < 16 * t.num_warps
+
+
 def product_kind(kernel: str, arch: int, elem_bytes: int, t: Tiling) -> str:
     if elem_bytes == 4:
         return "fma_sm90" if arch >= 90 else "fma"
@@ -159,9 +186,9 @@ def shared_bytes(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tilin
         per_stage += count * t.rows(side) * cols * elem_bytes
     total = resident + max(1, t.num_stages) * per_stage
     if spec.get("transposes"):
-        # Transposed score tiles for dq, dr; the compiler's staging grows
-        # with the rows of the product (measured: 1x at 16 rows, 4x at 64).
-        total += t.block_m * t.block_n * elem_bytes * max(1, t.block_m // 16)
+        # The [keys, 2 x queries] dS1/dS2 tile the fused dQ/dR product reads
+        # from shared memory.
+        total += 2 * t.block_m * t.block_n * elem_bytes
     if kind.startswith("fma"):
         total += spec["scores"] * t.block_m * t.block_n * elem_bytes
     return total + CONVERSION_BYTES
@@ -182,27 +209,33 @@ def shared_slack(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tilin
     return slack
 
 
-def registers(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> float:
-    """Estimated registers per thread the tiling asks for (before spilling)."""
+def register_terms(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> tuple:
+    """Per thread: (float32 accumulator and product elements, score
+    elements, 32-bit words of the operands that pass through registers,
+    warps, 1): what WEIGHTS weigh."""
     spec = KERNELS[kernel]
-    accumulator_w, score_w, operand_w, warp_w, fixed = WEIGHTS[kernel][product_kind(kernel, arch, elem_bytes, t)]
     threads = 32 * t.num_warps
     cols = block_d // column_split(kernel, arch, block_d)
     side, count = spec["accumulators"]
-    need = accumulator_w * count * t.rows(side) * cols / threads
-    warps_on_scores = max(1, min(t.num_warps, _score_rows(kernel, t) // 16))
-    need += score_w * spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
+    accumulators = count * t.rows(side) * cols / threads
     if "products" in spec:
         side, count = spec["products"]
-        need += count * t.rows(side) * cols / threads
+        accumulators += count * t.rows(side) * cols / threads
+    warps_on_scores = max(1, min(t.num_warps, _score_rows(kernel, t) // 16))
+    scores = spec["scores"] * t.block_m * t.block_n / (32 * warps_on_scores)
     side, count = spec["resident"]
-    resident = count * t.rows(side) * block_d
+    operands = count * t.rows(side) * block_d
     if cols < block_d:
-        resident += t.block_n * cols
+        operands += t.block_n * cols
         side, count = spec["streamed"]
-        need += SPLIT_OPERAND_WEIGHT * count * t.rows(side) * block_d * elem_bytes / 4 / threads
-    need += operand_w * resident * elem_bytes / 4 / threads
-    return need + warp_w * t.num_warps + fixed
+        operands += SPLIT_OPERAND_WEIGHT * count * t.rows(side) * block_d
+    return accumulators, scores, operands * elem_bytes / 4 / threads, t.num_warps, 1
+
+
+def registers(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling) -> float:
+    """Estimated registers per thread the tiling asks for (before spilling)."""
+    weights = WEIGHTS[kernel][product_kind(kernel, arch, elem_bytes, t)]
+    return sum(w * x for w, x in zip(weights, register_terms(kernel, arch, elem_bytes, block_d, t)))
 
 
 def fits(kernel: str, arch: int, elem_bytes: int, block_d: int, t: Tiling, max_shared: int) -> bool:

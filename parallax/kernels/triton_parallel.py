@@ -52,9 +52,12 @@ def device_limits() -> tuple[int, int]:
 
 def prune_by_resources(kernel_of):
     """An `early_config_prune` keeping the configs that `resources.fits` the
-    device (at most MAX_KEPT, in candidate order); if none does, the one that
-    launches with the smallest register estimate. `kernel_of(args)` names the
-    kernel in `resources.KERNELS`."""
+    device and do not compute products twice (`resources.duplicates_work`),
+    at most MAX_KEPT, in candidate order; if every fitting one duplicates
+    work (the forward at D=256 on Hopper), those without wgmma (a duplicated
+    wgmma product also runs at a fraction of its width); if none fits, the
+    one that launches with the smallest register estimate. `kernel_of(args)`
+    names the kernel in `resources.KERNELS`."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -62,9 +65,11 @@ def prune_by_resources(kernel_of):
         arch, max_shared = device_limits()
         tilings = [(c, resources.Tiling(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages))
                    for c in configs]
-        kept = [c for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
-        if kept:
-            return kept[:MAX_KEPT]
+        fitting = [(c, t) for c, t in tilings if resources.fits(kernel, arch, elem_bytes, block_d, t, max_shared)]
+        whole = [c for c, t in fitting if not resources.duplicates_work(kernel, arch, elem_bytes, t)]
+        without_wgmma = [c for c, t in fitting if not resources.uses_wgmma(kernel, arch, elem_bytes, t)]
+        if whole or without_wgmma:
+            return (whole or without_wgmma)[:MAX_KEPT]
         return [min(tilings, key=lambda ct: (
             resources.shared_bytes(kernel, arch, elem_bytes, block_d, ct[1]) > max_shared,
             resources.registers(kernel, arch, elem_bytes, block_d, ct[1])))[0]]
@@ -80,9 +85,17 @@ BACKWARD_KV_PRUNE = prune_by_resources(lambda args: "backward_kv_fused" if args[
 BACKWARD_Q_PRUNE = prune_by_resources(lambda args: "backward_q")
 
 
-def head_block(head_dim: int) -> int:
-    """Head dims are padded to a power of two (masked), at least 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(head_dim))
+# Heads whose shared operands (K/V for query tiles, Q/R/dO for key tiles)
+# fit in about this many bytes run as one group (`heavy_first`): about two
+# thirds of an H100's or H200's 50 MB L2 cache.
+L2_GROUP_BYTES = 32 * 1024 * 1024
+
+
+def heads_per_group(shared_bytes: int, heads_sharing: int = 1) -> int:
+    """Heads per `heavy_first` group: as many units of `heads_sharing` heads
+    (a GQA group sharing one K/V) as fit L2_GROUP_BYTES at `shared_bytes`
+    each, at least one."""
+    return max(1, L2_GROUP_BYTES // max(1, shared_bytes)) * heads_sharing
 
 
 def search_steps(num_seqs: int) -> int:
@@ -125,17 +138,34 @@ def locate_tile(tile, cu_seqlens, num_seqs, steps, rows_per_batch, BLOCK: tl.con
 
 
 @triton.jit
-def query_tile(pid, cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M: tl.constexpr, IS_VARLEN: tl.constexpr):
+def heavy_first(pid, num_tiles, num_heads, group_heads):
+    """(rank, head) of program `pid` of a grid of `num_heads * num_tiles`,
+    rank 0 being a head's heaviest tile. Heads run in groups of
+    `group_heads` (`heads_per_group`): within a group, every head's rank-0
+    tile comes first, then every head's rank 1, and so on, so that the
+    longest programs start first across heads (not only within one) while
+    the group's shared operands stay in L2."""
+    group_programs = group_heads * num_tiles
+    group = pid // group_programs
+    first_head = group * group_heads
+    heads = tl.minimum(group_heads, num_heads - first_head)
+    within = pid - group * group_programs
+    return within // heads, first_head + within % heads
+
+
+@triton.jit
+def query_tile(pid, cu_seqlens, T, S, HQ, num_heads, group_heads, num_seqs, steps, BLOCK_M: tl.constexpr,
+               IS_VARLEN: tl.constexpr):
     """Where a query-tile program works: (batch, head, batch * HQ + head,
-    sequence start, sequence length, first row of the tile within the sequence,
-    first key row, number of keys). Heavy (late, causal) tiles are launched
-    first, and all tiles of one head are adjacent so they share its K/V in L2.
-    A tile whose first row is >= the sequence length has nothing to do."""
+    sequence start, sequence length, first row of the tile within the
+    sequence, first key row, number of keys). Late (causal: heavy) tiles are
+    launched first (`heavy_first`). A tile whose first row is >= the sequence
+    length has nothing to do."""
     num_tiles = tl.cdiv(T, BLOCK_M)
     if IS_VARLEN:
         num_tiles += num_seqs
-    tile = num_tiles - 1 - pid % num_tiles
-    batch_head = pid // num_tiles
+    rank, batch_head = heavy_first(pid, num_tiles, num_heads, group_heads)
+    tile = num_tiles - 1 - rank
     batch = batch_head // HQ
     seq_start, seq_len, m0 = locate_tile(tile, cu_seqlens, num_seqs, steps, T, BLOCK_M, IS_VARLEN)
     if IS_VARLEN:
@@ -189,16 +219,10 @@ def store_columns(base, rows, stride, first, col0, value, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
-def tile_pointers(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """`column_tile_pointers` of the whole (padded) row width."""
-    return column_tile_pointers(base, rows, stride, first, 0, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
-
-
-@triton.jit
 def load_tile(base, rows, stride, first, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """The [BLOCK_ROWS, BLOCK_D] tile at row `first` of the [rows, HEAD_DIM]
-    matrix at `base`, zero outside it (rows past its end, head-dim padding)."""
+    matrix at `base`, zero outside it (rows past its end, head-dim padding):
+    `load_columns` of the whole (padded) row width."""
     return load_columns(base, rows, stride, first, 0, HEAD_DIM, BLOCK_ROWS, BLOCK_D)
 
 

@@ -1,17 +1,23 @@
-"""Fused Parallax backward: closed-form gradients of docs/parallax-math.md.
+"""Parallax backward: closed-form gradients of docs/parallax-math.md.
 
 First, per row, D = <dO, o> and E = <dO, mu> (mu = softmax output saved by the
 forward). Then one program per (key tile, batch * kv_head) keeps its K/V tile
 resident, loops over the G query heads of its group and the query tiles that
 see it, and accumulates dK, dV in registers (no G-times-larger buffer for GQA).
 
-- Default (fused): the same program also adds its share of dQ and dR into
-  float32 buffers with atomics: 8 tile products per (query, key) tile pair,
-  one main launch, but the float32 sums' order (so their last bits) varies
-  from run to run.
-- deterministic=True: dQ/dR come from a third launch, one program per (query
-  tile, batch * head) streaming the key tiles it sees, which recomputes the
-  scores: 11 products, no atomics, bitwise reproducible.
+- Default (`deterministic=True`, three launches): dQ/dR come from a third
+  launch, one program per (query tile, batch * head) streaming the key tiles
+  it sees, which recomputes the scores: 11 tile products per (query, key)
+  tile pair, no atomics, bitwise reproducible.
+- Fused (`deterministic=False`, one main launch): the dK/dV program also adds
+  its share of dQ and dR into a float32 buffer with atomics: 8 products, but
+  the float32 sums' order (so their last bits) varies from run to run.
+
+The dK/dV program works on transposed [keys, queries] score tiles: every
+product has the key tile's rows (the fused dQ/dR product, transposed too, the
+head dim's), so on Hopper one warpgroup layout serves all of them when the
+key tile has 16 rows per warp (`resources.duplicates_work`), and K and V,
+loaded once with their masks, feed the tensor cores from shared memory.
 
 Weights are recomputed from the saved lse: p = exp(scale * q.k - lse).
 
@@ -26,10 +32,10 @@ import triton.language as tl
 from . import resources
 from .triton_parallel import (
     AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, column_tile_pointers,
-    device_limits, head_block, key_range, load_columns, load_tile, locate_tile, query_range, query_tile,
-    query_tile_offsets, store_columns, store_tile, tile_phases, tiles_per_head, visible,
+    device_limits, heads_per_group, heavy_first, key_range, load_columns, load_tile, locate_tile,
+    query_range, query_tile, query_tile_offsets, store_columns, store_tile, tile_phases, tiles_per_head, visible,
 )
-from .triton_parallel_fwd import dot_precision, varlen_args
+from .triton_parallel_fwd import dot_precision, key_heads_per_group, varlen_args
 from .window import kernel_window
 
 # Elements per program of the D / E reduction: three [rows, BLOCK_D] float32
@@ -58,21 +64,19 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
 
 
 @triton.jit
-def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dq_seq, dr_seq,
+def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dqr_seq,
                     lse_seq, sbar_seq, delta_seq, dmu_seq,
                     q_stride, first, head_tiles, full_tiles, total, key_pos, T, S, window, scale, qk_scale_log2,
                     col0, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, D_SPLIT: tl.constexpr):
     """Add the contributions of `total` query tiles from row `first` to dK, dV
-    (and, FUSED, atomically to the float32 dQ, dR buffers); tiles outside
+    (and, FUSED, atomically to the float32 dQ, dR buffer); tiles outside
     [head_tiles, head_tiles + full_tiles) are masked (one loop, as in the
     forward's `_stream_keys`).
 
-    Works on transposed [keys, queries] score tiles so the dK, dV products take
-    their operands as loaded. With D_SPLIT > 1 the scores use all columns and
-    dK, dV, dQ, dR only the BLOCK_D / D_SPLIT from `col0` (k_cols: those
-    columns of K).
+    With D_SPLIT > 1 the scores use all columns and dK, dV, dQ, dR only the
+    BLOCK_D / D_SPLIT from `col0` (k_cols: those columns of K).
     """
     offs_m = tl.arange(0, BLOCK_M)
     for step in range(total):
@@ -108,26 +112,55 @@ def _stream_queries(dk, dv, k_tile, v_tile, k_cols, q_seq, r_seq, do_seq, dq_seq
         dk = tl.dot(ds1, q_cols, dk, input_precision=DOT_PRECISION)
         dk = tl.dot(ds2, r_cols, dk, input_precision=DOT_PRECISION)
         if FUSED:
+            # dQ and dR in one product, transposed ([columns, queries]) so
+            # that its rows are the head dim: columns 2i and 2i + 1 are query
+            # i's dQ and dR, side by side as in the buffer they are added to
+            # (one product and one layout change instead of two each).
+            ds = tl.reshape(tl.join(ds1, ds2), [BLOCK_N, 2 * BLOCK_M])
+            ptrs, in_bounds = _pair_columns_pointers(dqr_seq, T, 2 * q_stride, m0, col0, HEAD_DIM, BLOCK_M,
+                                                     BLOCK_D // D_SPLIT)
             # Relaxed: nothing reads the sums until the launch ends.
-            dq_ptrs, in_bounds = column_tile_pointers(dq_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M,
-                                                      BLOCK_D // D_SPLIT)
-            dr_ptrs, in_bounds = column_tile_pointers(dr_seq, T, q_stride, m0, col0, HEAD_DIM, BLOCK_M,
-                                                      BLOCK_D // D_SPLIT)
-            dq = tl.dot(tl.trans(ds1), k_cols, input_precision=DOT_PRECISION)
-            tl.atomic_add(dq_ptrs, dq, mask=in_bounds, sem="relaxed")
-            dr = tl.dot(tl.trans(ds2), k_cols, input_precision=DOT_PRECISION)
-            tl.atomic_add(dr_ptrs, dr, mask=in_bounds, sem="relaxed")
+            tl.atomic_add(ptrs, tl.dot(tl.trans(k_cols), ds, input_precision=DOT_PRECISION), mask=in_bounds,
+                          sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _pair_columns_pointers(base, rows, stride, first, col0, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
+    """(pointers, mask) of a [BLOCK_C, 2 * BLOCK_ROWS] tile of a [rows, 2,
+    HEAD_DIM] matrix at `base` (pairs of rows `stride` elements apart),
+    transposed: element (c, 2i + j) is column col0 + c of row first + i,
+    pair member j."""
+    offs = tl.arange(0, 2 * BLOCK_ROWS)
+    offs_c = tl.arange(0, BLOCK_C)
+    start = base + first.to(tl.int64) * stride + col0
+    ptrs = start + ((offs // 2) * stride + (offs % 2) * HEAD_DIM)[None, :] + offs_c[:, None]
+    mask = (first + offs // 2 < rows)[None, :] & (col0 + offs_c < HEAD_DIM)[:, None]
+    return ptrs, mask
+
+
+@triton.jit
+def _load_keys(base, seq_len, stride, n0, col0, lowest, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_C: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """`load_columns` of a key tile, with a window zero for keys below `lowest`
+    too: keys older than every query's window (dQ would otherwise pick up
+    0 * whatever they hold). Masked in the load, not after, so that the
+    products read the tile straight from shared memory."""
+    ptrs, mask = column_tile_pointers(base, seq_len, stride, n0, col0, HEAD_DIM, BLOCK_N, BLOCK_C)
+    if HAS_WINDOW:
+        mask &= (n0 + tl.arange(0, BLOCK_N) >= lowest)[:, None]
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 # Autotuning benchmarks launch the fused kernel repeatedly: zero its
 # accumulators before each run.
 @triton.autotune(configs=BACKWARD_KV_CONFIGS, key=AUTOTUNE_KEY + ["FUSED"], prune_configs_by=BACKWARD_KV_PRUNE,
-                 reset_to_zero=["dq_acc", "dr_acc"])
+                 reset_to_zero=["dqr_acc"])
 @triton.jit
 def _parallax_bwd_dkdv_kernel(
-    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu_seqlens,
-    scale, T, S, HQ, HK, window, num_seqs, steps,
+    q, r, k, v, do, lse, sbar, delta, dmu, dk, dv, dqr_acc, cu_seqlens,
+    scale, T, S, HQ, HK, window, num_seqs, steps, num_heads, group_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr, D_SPLIT: tl.constexpr,
@@ -138,9 +171,8 @@ def _parallax_bwd_dkdv_kernel(
         num_tiles += num_seqs
     pid = tl.program_id(0)
     col0 = (pid % D_SPLIT) * (BLOCK_D // D_SPLIT)  # this program's dK, dV columns
-    pid = pid // D_SPLIT
-    tile = pid % num_tiles  # causal: early key tiles see the most queries, start them first
-    batch_kv_head = pid // num_tiles
+    # Causal: early key tiles see the most queries.
+    tile, batch_kv_head = heavy_first(pid // D_SPLIT, num_tiles, num_heads, group_heads)
     batch = batch_kv_head // HK
     kv_head = batch_kv_head % HK
     seq_start, seq_len, n0 = locate_tile(tile, cu_seqlens, num_seqs, steps, S, BLOCK_N, IS_VARLEN)
@@ -156,21 +188,14 @@ def _parallax_bwd_dkdv_kernel(
     cols = tl.minimum(BLOCK_N, seq_len - n0)
     offs_n = tl.arange(0, BLOCK_N)
     kv_base = (batch.to(tl.int64) * S + seq_start) * kv_stride + kv_head * HEAD_DIM
-    k_tile = load_tile(k + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
-    v_tile = load_tile(v + kv_base, seq_len, kv_stride, n0, HEAD_DIM, BLOCK_N, BLOCK_D)
-    # Keys older than every query's window count as zeros (dQ would otherwise
-    # pick up 0 * whatever they hold). Selected after the load, and without a
-    # window too: the AOT table shows this form spills less than plain loads.
-    seen = offs_n < cols
-    if HAS_WINDOW:
-        seen &= n0 + offs_n > seq_len - query_len - window
-    k_tile = tl.where(seen[:, None], k_tile, 0.0)
-    v_tile = tl.where(seen[:, None], v_tile, 0.0)
+    lowest = seq_len - query_len - window + 1
+    k_tile = _load_keys(k + kv_base, seq_len, kv_stride, n0, 0, lowest, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_WINDOW)
+    v_tile = _load_keys(v + kv_base, seq_len, kv_stride, n0, 0, lowest, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_WINDOW)
     if D_SPLIT == 1:
         k_cols = k_tile
     else:
-        k_cols = load_columns(k + kv_base, seq_len, kv_stride, n0, col0, HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT)
-        k_cols = tl.where(seen[:, None], k_cols, 0.0)
+        k_cols = _load_keys(k + kv_base, seq_len, kv_stride, n0, col0, lowest, HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT,
+                            HAS_WINDOW)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
@@ -182,10 +207,10 @@ def _parallax_bwd_dkdv_kernel(
         q_offset = (batch.to(tl.int64) * T + seq_start) * q_stride + head * HEAD_DIM
         stat_offset = (batch.to(tl.int64) * HQ + head) * T + seq_start
         dk_acc, dv_acc = _stream_queries(
-            dk_acc, dv_acc, k_tile, v_tile, k_cols, q + q_offset, r + q_offset, do + q_offset, dq_acc + q_offset,
-            dr_acc + q_offset, lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
+            dk_acc, dv_acc, k_tile, v_tile, k_cols, q + q_offset, r + q_offset, do + q_offset, dqr_acc + 2 * q_offset,
+            lse + stat_offset, sbar + stat_offset, delta + stat_offset, dmu + stat_offset,
             q_stride, lo, head_tiles, full_tiles, total, key_pos, query_len, seq_len, window, scale, qk_scale_log2,
-            col0, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION, D_SPLIT)
+            col0, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_WINDOW, FUSED, DOT_PRECISION, D_SPLIT)
     store_columns(dk + kv_base, seq_len, kv_stride, n0, col0, dk_acc.to(dk.dtype.element_ty),
                   HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT)
     store_columns(dv + kv_base, seq_len, kv_stride, n0, col0, dv_acc.to(dv.dtype.element_ty),
@@ -223,13 +248,13 @@ def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_d
 @triton.jit
 def _parallax_bwd_dq_kernel(
     q, r, k, v, do, lse, sbar, delta, dmu, dq, dr, cu_seqlens,
-    scale, T, S, HQ, HK, window, num_seqs, steps,
+    scale, T, S, HQ, HK, window, num_seqs, steps, num_heads, group_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch, head, batch_head, seq_start, seq_len, m0, key_start, key_len = query_tile(
-        tl.program_id(0), cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M, IS_VARLEN)
+        tl.program_id(0), cu_seqlens, T, S, HQ, num_heads, group_heads, num_seqs, steps, BLOCK_M, IS_VARLEN)
     if m0 >= seq_len:
         return
 
@@ -266,12 +291,12 @@ def _parallax_bwd_dq_kernel(
 
 
 def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: bool, window_size: int | None, cu_seqlens,
-                 deterministic: bool = False):
+                 deterministic: bool = True):
     """Contiguous tensors from `parallax_fwd` plus dO -> (dq, dr, dk, dv).
 
     Besides the four gradients it allocates two float32 [B, HQ, T] row
-    statistics, whatever the GQA group size, and, fused (the default), float32
-    dQ and dR accumulators ([B, T, HQ, D] each).
+    statistics, whatever the GQA group size, and, fused
+    (`deterministic=False`), a float32 [B, T, HQ, 2, D] dQ/dR accumulator.
     """
     B, T, HQ, D = q.shape
     S, HK = k.shape[1], k.shape[2]
@@ -280,16 +305,15 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
     dmu = torch.empty(B, HQ, T, dtype=torch.float32, device=q.device)
     fused = not deterministic
     if fused:
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dr_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dqr_acc = torch.zeros(B, T, HQ, 2, D, dtype=torch.float32, device=q.device)
     else:
         dq, dr = torch.empty_like(q), torch.empty_like(r)
-        # Placeholders the deterministic kernel never reads; the autotuner
-        # zeroes them (reset_to_zero), so they must not alias real data.
-        dq_acc = dr_acc = torch.zeros(1, dtype=torch.float32, device=q.device)
+        # A placeholder the deterministic kernel never reads; the autotuner
+        # zeroes it (reset_to_zero), so it must not alias real data.
+        dqr_acc = torch.zeros(1, dtype=torch.float32, device=q.device)
     if D == 0 or B * HQ == 0:
-        return _gradients(q, dq_acc, dr_acc) + (dk, dv) if fused else (dq, dr, dk, dv)
-    block_d = head_block(D)
+        return _gradients(q, dqr_acc) + (dk, dv) if fused else (dq, dr, dk, dv)
+    block_d = resources.head_block(D)
     rows = B * T * HQ
     if rows:
         row_block = max(16, ROW_BLOCK_ELEMENTS // block_d)
@@ -304,21 +328,24 @@ def parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale: float, causal: b
     scalars = (scale, T, S, HQ, HK, kernel_window(window_size, S), num_seqs, steps)
     if S:
         d_split = dkdv_column_split(block_d)
+        # A key tile's programs stream the q, r and dO of its GQA group.
+        group_heads = heads_per_group(3 * (HQ // HK) * T * D * q.element_size())
 
         def key_grid(meta):
             return (tiles_per_head(S, num_seqs, meta["BLOCK_N"], is_varlen) * B * HK * d_split,)
 
         _parallax_bwd_dkdv_kernel[key_grid](
-            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, dq_acc, dr_acc, cu, *scalars,
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dk, dv, dqr_acc, cu, *scalars, B * HK, group_heads,
             FUSED=fused, D_SPLIT=d_split, **common)
     if fused:
-        return _gradients(q, dq_acc, dr_acc) + (dk, dv)
+        return _gradients(q, dqr_acc) + (dk, dv)
     if T:
         def query_grid(meta):
             return (tiles_per_head(T, num_seqs, meta["BLOCK_M"], is_varlen) * B * HQ,)
 
         _parallax_bwd_dq_kernel[query_grid](
-            q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, **common)
+            q, r, k, v, grad_out, lse, sbar, delta, dmu, dq, dr, cu, *scalars, B * HQ, key_heads_per_group(k, HQ),
+            **common)
     return dq, dr, dk, dv
 
 
@@ -329,6 +356,8 @@ def dkdv_column_split(block_d: int) -> int:
     return resources.column_split("backward_kv", device_limits()[0], block_d)
 
 
-def _gradients(q, dq_acc, dr_acc):
-    """The fused kernel's float32 sums in q's dtype (dq is already scaled)."""
-    return dq_acc.to(q.dtype), dr_acc.to(q.dtype)
+def _gradients(q, dqr_acc):
+    """The fused kernel's float32 dQ, dR sums as contiguous tensors of q's
+    dtype (copies even for float32: outputs of a custom op may not alias);
+    dq is already scaled."""
+    return tuple(dqr_acc[..., i, :].to(q.dtype, copy=True) for i in range(2))

@@ -14,9 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .resources import head_block
 from .triton_parallel import (
-    AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, head_block, key_range, load_tile, query_tile, query_tile_offsets,
-    search_steps, store_tile, tile_phases, tiles_per_head, visible,
+    AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, heads_per_group, key_range, load_tile, query_tile,
+    query_tile_offsets, search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
 from .window import kernel_window
 
@@ -59,13 +60,13 @@ def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, f
 @triton.jit
 def _parallax_fwd_kernel(
     q, r, k, v, o, mu, lse, sbar, cu_seqlens,
-    scale, T, S, HQ, HK, window, num_seqs, steps,
+    scale, T, S, HQ, HK, window, num_seqs, steps, num_heads, group_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     batch, head, batch_head, seq_start, seq_len, m0, key_start, key_len = query_tile(
-        tl.program_id(0), cu_seqlens, T, S, HQ, num_seqs, steps, BLOCK_M, IS_VARLEN)
+        tl.program_id(0), cu_seqlens, T, S, HQ, num_heads, group_heads, num_seqs, steps, BLOCK_M, IS_VARLEN)
     if m0 >= seq_len:
         return
 
@@ -115,6 +116,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def key_heads_per_group(k, HQ: int) -> int:
+    """`heavy_first` group of query heads for programs streaming K and V
+    (the forward, dQ): whole GQA groups, as many as L2 holds the K/V of."""
+    _, S, HK, D = k.shape
+    return heads_per_group(2 * S * D * k.element_size(), HQ // HK)
+
+
 def varlen_args(cu_seqlens: torch.Tensor | None, device: torch.device):
     """(cu_seqlens or a placeholder, number of sequences, search steps)."""
     if cu_seqlens is None:
@@ -144,7 +152,7 @@ def parallax_fwd(q, r, k, v, scale: float, causal: bool, window_size: int | None
 
     _parallax_fwd_kernel[grid](
         q, r, k, v, o, mu, lse, sbar, cu,
-        scale, T, S, HQ, HK, kernel_window(window_size, S), num_seqs, steps,
+        scale, T, S, HQ, HK, kernel_window(window_size, S), num_seqs, steps, B * HQ, key_heads_per_group(k, HQ),
         HEAD_DIM=D, BLOCK_D=head_block(D), GROUP=HQ // HK,
         IS_CAUSAL=causal, HAS_WINDOW=window_size is not None, IS_VARLEN=is_varlen,
         DOT_PRECISION=dot_precision(q.dtype),

@@ -9,9 +9,12 @@ bfloat16 needs a GPU: the interpreter's bf16 tl.dot is wrong.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from parallax.kernels import parallax_attn, parallax_reference
 from parallax.kernels.op import attn_bwd, attn_fwd
+from parallax.kernels.triton_parallel import heavy_first
 
 from .oracle import assert_within_rule, max_err
 
@@ -232,6 +235,7 @@ def test_opcheck(deterministic):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False], ids=["default", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", [
     (2, 1024, 1024, 8, 2, 128, True, None, None),
@@ -240,8 +244,10 @@ def test_opcheck(deterministic):
     (1, 513, 513, 4, 1, 256, True, None, None),
     (1, 1500, 1500, 4, 2, 64, True, 128, (0, 300, 301, 1000, 1500)),
 ], ids=["d128_gqa4", "d80_window100", "d96_noncausal", "d256", "varlen4_window128"])
-def test_gpu_shapes_match_float64(case, dtype):
-    _check_against_float64(*case, dtype=dtype)
+def test_gpu_shapes_match_float64(case, dtype, deterministic):
+    """Both backwards on the autotuned GPU tilings: D = 64 to 256 (256: the
+    dK/dV column split), GQA, windows, T != S, varlen."""
+    _check_against_float64(*case, dtype=dtype, deterministic=deterministic)
 
 
 @pytest.mark.gpu
@@ -260,3 +266,40 @@ def test_gpu_deterministic_backward_is_bitwise_reproducible():
 def test_gpu_grid_beyond_65535_heads():
     """batch * heads > 65535 sits on grid axis 0, which has no such limit."""
     _check_against_float64(70, 20, 20, 1024, 1024, 16, True, None, None, dtype=torch.float16)
+
+
+@triton.jit
+def _order_kernel(out, num_tiles, num_heads, group_heads):
+    pid = tl.program_id(0)
+    rank, head = heavy_first(pid, num_tiles, num_heads, group_heads)
+    tl.store(out + 2 * pid, rank)
+    tl.store(out + 2 * pid + 1, head)
+
+
+@pytest.mark.parametrize("num_tiles,num_heads,group_heads", [(5, 7, 3), (4, 8, 8), (3, 2, 16), (1, 5, 2)])
+def test_heavy_first_order_covers_every_tile_once(num_tiles, num_heads, group_heads):
+    """Programs of a group of heads start with every head's rank-0 (heaviest)
+    tile, then rank 1, ...; each (tile, head) is visited exactly once, a last
+    group with fewer heads included."""
+    programs = num_tiles * num_heads
+    out = torch.full((programs, 2), -1, dtype=torch.int32, device=DEVICE)
+    _order_kernel[(programs,)](out, num_tiles, num_heads, group_heads)
+    order = [tuple(x) for x in out.tolist()]
+    assert sorted(order) == [(t, h) for t in range(num_tiles) for h in range(num_heads)]
+    start = 0
+    for first_head in range(0, num_heads, group_heads):
+        heads = min(group_heads, num_heads - first_head)
+        group = order[start:start + heads * num_tiles]
+        assert [rank for rank, _ in group] == sorted(rank for rank, _ in group)
+        assert {head for _, head in group} == set(range(first_head, first_head + heads))
+        start += heads * num_tiles
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
+def test_heads_in_several_l2_groups_match_float64(monkeypatch, deterministic):
+    """With an L2 budget of one head, every head is its own group (and with
+    GQA 4:2 the query kernels' groups hold one K/V head's two query heads)."""
+    from parallax.kernels import triton_parallel
+
+    monkeypatch.setattr(triton_parallel, "L2_GROUP_BYTES", 1)
+    _check_against_float64(2, 37, 37, 4, 2, 16, True, 17, None, dtype=torch.float32, deterministic=deterministic)
