@@ -1,4 +1,5 @@
-"""Fixtures of the optimizer tests: matrices of known spectrum and a tiny LM."""
+"""Fixtures of the optimizer tests: matrices of known spectrum, a tiny LM, and
+stepping optimizers side by side on the same gradients."""
 import pytest
 import torch
 
@@ -64,3 +65,15 @@ def token_batches():
 @pytest.fixture
 def loss_of():
     return lm_loss
+
+
+def step_side_by_side(optimizers, param_lists, steps, grad_scale=1.0):
+    """`steps` times: give the i-th parameter of every list in `param_lists` the
+    same fresh random gradient (times grad_scale), then step every optimizer."""
+    for _ in range(steps):
+        for params in zip(*param_lists):
+            grad = torch.randn_like(params[0]) * grad_scale
+            for p in params:
+                p.grad = grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()

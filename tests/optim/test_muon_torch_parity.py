@@ -5,6 +5,9 @@ import torch
 from torch import nn
 
 from parallax.optim import Muon, MuonWithAdamW, adjust_lr, orthogonalize
+from parallax.optim.direction import DirectionPlan
+
+from .conftest import step_side_by_side
 
 SHAPES = [(24, 8), (8, 24), (16, 16)]
 
@@ -13,13 +16,7 @@ def run_both(shapes, steps=4, **kwargs):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(s)) for s in shapes]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    optimizers = (Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs))
-    for _ in range(steps):
-        for a, b in zip(ours, theirs):
-            grad = torch.randn_like(a)
-            a.grad, b.grad = grad.clone(), grad.clone()
-        for optimizer in optimizers:
-            optimizer.step()
+    step_side_by_side([Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)], [ours, theirs], steps)
     return ours, theirs
 
 
@@ -109,12 +106,10 @@ def test_tensor_lr_matches_torch_muon():
 
 
 def test_many_same_shape_matrices_are_stacked_and_stay_bit_exact(monkeypatch):
-    import parallax.optim.muon as muon_module
-
     calls = []
-    original = muon_module.spectral_direction
-    monkeypatch.setattr(muon_module, "spectral_direction",
-                        lambda matrix, **options: calls.append(tuple(matrix.shape)) or original(matrix, **options))
+    original = DirectionPlan.direction
+    monkeypatch.setattr(DirectionPlan, "direction",
+                        lambda plan, matrix: calls.append(tuple(matrix.shape)) or original(plan, matrix))
     shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (16, 16), (16, 16)]
     ours, theirs = run_both(shapes, steps=2, lr=0.02)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -6,6 +6,8 @@ from torch import nn
 
 from parallax.optim import MuonWithAdamW, split_params
 
+from .conftest import step_side_by_side
+
 
 def ids(params):
     return {id(p) for p in params}
@@ -30,16 +32,6 @@ def test_split_params_untied_head_and_frozen_parameters(tiny_lm):
     assert len(muon) + len(adamw) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_split_params_finds_linear_tied_to_embedding_under_any_name():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False))
-    model[2].weight = model[0].weight
-    muon, adamw = split_params(model)
-    assert ids(muon) == {id(model[1].weight)}
-    assert split_params(nn.Conv2d(2, 3, 3))[0][0].ndim == 4  # conv kernels go to Muon
-    with pytest.raises(TypeError, match="model"):
-        split_params([nn.Parameter(torch.ones(2, 2))])
-
-
 def test_every_group_must_say_use_muon():
     with pytest.raises(ValueError, match="use_muon"):
         MuonWithAdamW([{"params": [nn.Parameter(torch.randn(3, 3))]}])
@@ -47,18 +39,28 @@ def test_every_group_must_say_use_muon():
         MuonWithAdamW([nn.Parameter(torch.randn(3, 3))])
 
 
-def test_adamw_groups_match_torch_adamw_bit_for_bit():
+def adamw_pair():
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))]
-    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, [nn.Parameter(p.detach().clone()) for p in ours]
+
+
+def test_adamw_groups_match_torch_adamw_bit_for_bit():
+    ours, theirs = adamw_pair()
     a = MuonWithAdamW([{"params": ours, "use_muon": False}], adamw_lr=1e-2, adamw_weight_decay=0.1, adamw_betas=(0.8, 0.9))
     b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-8, foreach=False)
-    for _ in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    step_side_by_side([a, b], [ours, theirs], 4)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("spelling", ["plain", "adamw_"])
+def test_adamw_group_options_are_honoured_in_either_spelling(spelling):
+    ours, theirs = adamw_pair()
+    options = {"lr": 2e-2, "betas": (0.7, 0.8), "eps": 1e-3, "weight_decay": 0.05}
+    group = {(key if spelling == "plain" else f"adamw_{key}"): value for key, value in options.items()}
+    a = MuonWithAdamW([{"params": ours, "use_muon": False, **group}])  # the optimizer's adamw_* defaults differ
+    b = torch.optim.AdamW(theirs, foreach=False, **options)
+    step_side_by_side([a, b], [ours, theirs], 4, grad_scale=1e-2)  # comparable to eps, so eps matters
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
@@ -186,17 +188,10 @@ def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches, loss_of
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adamw_group_eps_is_honoured_and_matches_torch(foreach):
-    torch.manual_seed(0)
-    ours = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))]
-    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    ours, theirs = adamw_pair()
     a = MuonWithAdamW([{"params": ours, "use_muon": False, "eps": 1e-2, "lr": 1e-2}], adamw_foreach=foreach)
     b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-2, foreach=foreach)
-    for _ in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p) * 1e-2  # comparable to eps, so eps matters
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    step_side_by_side([a, b], [ours, theirs], 4, grad_scale=1e-2)
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
