@@ -29,6 +29,28 @@ def test_matches_torch_muon_bit_for_bit(nesterov, adjust_lr_fn):
     assert not torch.equal(ours[0], run_both(SHAPES, steps=0)[0][0])  # the steps did move
 
 
+def test_bf16_parameters_match_torch_with_nesterov_and_differ_by_its_in_place_normalisation_without():
+    """docs/muon.md: torch 2.13 divides its own bf16 momentum buffer by its norm
+    when nesterov=False (grad.bfloat16() is no copy); parallax keeps the buffer."""
+    for nesterov in (True, False):
+        torch.manual_seed(0)
+        ours = [nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in SHAPES]
+        theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+        optimizers = [Muon(ours, lr=0.02, nesterov=nesterov), torch.optim.Muon(theirs, lr=0.02, nesterov=nesterov)]
+        equal_after = []
+        for _ in range(3):
+            step_side_by_side(optimizers, [ours, theirs], 1)
+            equal_after.append(all(torch.equal(a, b) for a, b in zip(ours, theirs)))
+        their_buffer_norms = [optimizers[1].state[p]["momentum_buffer"].float().norm().item() for p in theirs]
+        our_buffer_norms = [optimizers[0].state[p]["momentum_buffer"].float().norm().item() for p in ours]
+        if nesterov:
+            assert equal_after == [True, True, True] and our_buffer_norms == their_buffer_norms
+        else:
+            assert equal_after == [True, False, False]
+            assert their_buffer_norms == pytest.approx([1.0] * len(SHAPES), abs=1e-2)  # normalised in place
+            assert all(abs(n - 1.0) > 0.05 for n in our_buffer_norms)  # a plain EMA of the gradients
+
+
 def test_matches_torch_muon_with_custom_hyperparameters():
     ours, theirs = run_both(SHAPES, lr=0.05, weight_decay=0.0, momentum=0.8, ns_steps=3,
                             ns_coefficients=(3.0, -3.2, 1.2), eps=1e-5)
