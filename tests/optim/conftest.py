@@ -1,5 +1,5 @@
-"""Fixtures of the optimizer tests: matrices of known spectrum, a tiny LM, and
-stepping optimizers side by side on the same gradients."""
+"""Fixtures of the optimizer tests: matrices of known spectrum, a tiny LM, a
+training loop, and stepping optimizers side by side on the same gradients."""
 import pytest
 import torch
 
@@ -42,6 +42,21 @@ class TinyLM(torch.nn.Module):
 def lm_loss(model, tokens):
     logits = model(tokens[:, :-1])
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def train_steps(model, optimizer, batches, scheduler=None):
+    """One optimizer (and scheduler) step per batch of tokens on `model`'s
+    next-token loss (`model` may be a DDP/FSDP wrapper); returns the losses."""
+    losses = []
+    for tokens in batches:
+        optimizer.zero_grad()
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from parallax.optim import MuonWithAdamW
 from parallax.optim.direction import DirectionPlan
 from parallax.optim.distributed import balanced_assignment
 
+from .conftest import train_steps
 from .ranks import run_ranks
 
 STEPS = 3
@@ -42,17 +43,10 @@ def make_model_and_data(batches_per_step=1):
     return model, tokens
 
 
-def loss_of(forward, batch):
-    logits = forward(batch[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, 12), batch[:, 1:].reshape(-1))
-
-
 def train(model, tokens, forward, **options):
+    """MuonWithAdamW.from_model(model) trained through `forward` (model or its wrapper)."""
     optimizer = MuonWithAdamW.from_model(model, lr=0.05, adamw_lr=1e-2, weight_decay=0.01, **options)
-    for batch in tokens:
-        optimizer.zero_grad()
-        loss_of(forward, batch).backward()
-        optimizer.step()
+    train_steps(forward, optimizer, tokens)
     return optimizer
 
 
@@ -120,14 +114,9 @@ def _full_checkpoint_worker(rank, world_size, out_dir):
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = MuonWithAdamW.from_model(model, lr=0.05, adamw_lr=1e-2, update_rule="normuon",
                                          process_group=dist.group.WORLD)
-    for batch in tokens[:2]:
-        optimizer.zero_grad()
-        loss_of(ddp, batch).backward()
-        optimizer.step()
+    train_steps(ddp, optimizer, tokens[:2])
     checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": optimizer.full_state_dict()}
-    optimizer.zero_grad()
-    loss_of(ddp, tokens[2]).backward()
-    optimizer.step()
+    train_steps(ddp, optimizer, tokens[2:])
 
     resumed, _ = make_model_and_data()
     resumed.load_state_dict(checkpoint["model"])
@@ -135,9 +124,7 @@ def _full_checkpoint_worker(rank, world_size, out_dir):
     resumed_optimizer = MuonWithAdamW.from_model(resumed, lr=0.05, adamw_lr=1e-2, update_rule="normuon",
                                                  process_group=dist.group.WORLD)
     resumed_optimizer.load_state_dict(checkpoint["optim"])
-    resumed_optimizer.zero_grad()
-    loss_of(resumed_ddp, tokens[2]).backward()
-    resumed_optimizer.step()
+    train_steps(resumed_ddp, resumed_optimizer, tokens[2:])
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     torch.save(same, f"{out_dir}/rank{rank}.pt")
 

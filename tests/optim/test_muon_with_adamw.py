@@ -6,7 +6,7 @@ from torch import nn
 
 from parallax.optim import MuonWithAdamW, split_params
 
-from .conftest import step_side_by_side
+from .conftest import step_side_by_side, train_steps
 
 
 def ids(params):
@@ -75,19 +75,6 @@ def test_group_overrides_and_adamw_defaults():
     assert (adamw_group["lr"], adamw_group["weight_decay"]) == (1e-3, 0.01)
 
 
-def train(model, optimizer, batches, loss_of, scheduler=None):
-    losses = []
-    for tokens in batches:
-        optimizer.zero_grad()
-        loss = loss_of(model, tokens)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_lambda_lr_scales_each_group_from_its_own_initial_lr(tiny_lm):
     optimizer = MuonWithAdamW.from_model(tiny_lm(), lr=0.02, adamw_lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
@@ -101,16 +88,16 @@ def test_lambda_lr_scales_each_group_from_its_own_initial_lr(tiny_lm):
 
 @pytest.mark.parametrize("options", [{}, {"update_rule": "normuon"}, {"update_rule": "dynmuon", "total_steps": 6},
                                      {"layer_aware_steps": True, "spectrum_every": 2}])
-def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches, loss_of, options):
+def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches, options):
     batches = token_batches(6)
     model = tiny_lm()
     optimizer = MuonWithAdamW.from_model(model, lr=0.02, adamw_lr=1e-2, weight_decay=0.01, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    train(model, optimizer, batches[:3], loss_of, scheduler)
+    train_steps(model, optimizer, batches[:3], scheduler)
 
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()}, saved)
-    train(model, optimizer, batches[3:], loss_of, scheduler)
+    train_steps(model, optimizer, batches[3:], scheduler)
 
     saved.seek(0)
     checkpoint = torch.load(saved)  # weights_only: the state holds tensors and plain numbers only
@@ -120,7 +107,7 @@ def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches,
     resumed_scheduler = torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, lambda step: 1.0 / (1 + step))
     resumed_optimizer.load_state_dict(checkpoint["optim"])
     resumed_scheduler.load_state_dict(checkpoint["sched"])
-    train(resumed, resumed_optimizer, batches[3:], loss_of, resumed_scheduler)
+    train_steps(resumed, resumed_optimizer, batches[3:], resumed_scheduler)
 
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -168,20 +155,20 @@ def test_clip_grad_norm_before_step_is_what_the_step_sees(tiny_lm, token_batches
     {"update_rule": "normuon"},
     {"layer_aware_steps": True},
 ])
-def test_every_variant_trains_the_tiny_model(tiny_lm, token_batches, loss_of, options):
+def test_every_variant_trains_the_tiny_model(tiny_lm, token_batches, options):
     model = tiny_lm()
     (tokens,) = token_batches(1)
     options = {"lr": 0.05, "adamw_lr": 1e-2, **options}
     optimizer = MuonWithAdamW.from_model(model, **options)
-    losses = train(model, optimizer, [tokens] * 30, loss_of)
+    losses = train_steps(model, optimizer, [tokens] * 30)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches, loss_of):
+def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches):
     model = tiny_lm(width=16)
     optimizer = MuonWithAdamW.from_model(model, layer_aware_steps=True, max_ns_steps=9)
-    train(model, optimizer, token_batches(1), loss_of)
+    train_steps(model, optimizer, token_batches(1))
     steps = [optimizer.state[p]["ns_steps"] for p in (model.up.weight, model.down.weight)]
     assert all(1 <= s <= 9 for s in steps)
 
@@ -195,15 +182,15 @@ def test_adamw_group_eps_is_honoured_and_matches_torch(foreach):
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
-def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_lm, token_batches, loss_of):
+def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_lm, token_batches):
     batches = token_batches(6)
     model = tiny_lm().to(torch.bfloat16)
     options = {"lr": 0.02, "adamw_lr": 1e-2, "update_rule": "normuon"}
     optimizer = MuonWithAdamW.from_model(model, **options)
-    train(model, optimizer, batches[:3], loss_of)
+    train_steps(model, optimizer, batches[:3])
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, saved)
-    train(model, optimizer, batches[3:], loss_of)
+    train_steps(model, optimizer, batches[3:])
 
     saved.seek(0)
     checkpoint = torch.load(saved)
@@ -213,6 +200,6 @@ def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_l
     resumed_optimizer.load_state_dict(checkpoint["optim"])
     moments = [s["neuron_second_moment"] for s in resumed_optimizer.state.values() if "neuron_second_moment" in s]
     assert moments and all(m.dtype == torch.float32 for m in moments)
-    train(resumed, resumed_optimizer, batches[3:], loss_of)
+    train_steps(resumed, resumed_optimizer, batches[3:])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
