@@ -54,9 +54,10 @@ def add_lora(model, rank=8, alpha=16, *, target_modules=None, modules_to_save=No
             raise ValueError("model has no nn.Linear or Conv1D layer to adapt outside its heads; pass target_modules")
     if not isinstance(target_modules, str):  # a str is peft's regex over module names
         target_modules = list(target_modules)
-        modules = dict(model.named_modules())
-        lora_options.setdefault("fan_in_fan_out",
-                                any(type(modules.get(name)).__name__ == "Conv1D" for name in target_modules))
+        # peft matches a target against a module's full name or its last parts.
+        conv1d = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        lora_options.setdefault("fan_in_fan_out", any(name == target or name.endswith("." + target)
+                                                      for name in conv1d for target in target_modules))
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules,
                         modules_to_save=list(modules_to_save) if modules_to_save else None,
                         **lora_options)

@@ -1,5 +1,7 @@
 """The LoRA fine-tuning recipe through peft: adapters on the attention and MLP
 projections (never the head), GPT-2's Conv1D included, Muon on the adapters."""
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -75,9 +77,13 @@ def test_modules_to_save_are_trained_whole_and_not_adapted():
     assert "blocks.0.attn.r_proj" not in lora_target_modules(model, modules_to_save=["r_proj"])
 
 
-def test_explicit_targets_pass_through_and_an_unadaptable_model_is_refused():
+def test_explicit_targets_pass_through_short_conv1d_names_included_and_an_unadaptable_model_is_refused():
     peft_model = add_lora(llama(), target_modules=["q_proj", "v_proj"])
     adapted = {r.name.split(".lora_")[0].rsplit(".", 1)[-1] for r in route_params(peft_model)}
     assert adapted == {"q_proj", "v_proj"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns when it has to switch fan_in_fan_out on itself
+        conv1d = add_lora(gpt2(), target_modules=["c_attn"])
+    assert conv1d.peft_config["default"].fan_in_fan_out
     with pytest.raises(ValueError, match="target_modules"):
         add_lora(torch.nn.Sequential(torch.nn.Embedding(4, 4)))
