@@ -9,6 +9,16 @@ import torch
 from torch import nn
 
 from parallax.optim import UPDATE_RULES, MuonWithAdamW, UpdateRule, adjust_lr, register_update_rule
+from parallax.optim.options import (
+    ADAMW_ALIASES,
+    BOOKKEEPING,
+    OPTIMIZER_ONLY,
+    AdamWOptions,
+    MuonOptions,
+    PolarOptions,
+    names,
+)
+from parallax.optim.rules.registry import RESERVED_OPTIONS
 from parallax.optim.validation import check_positive
 
 
@@ -74,7 +84,10 @@ def test_registration_refuses_clashing_names(sign_rule):
         register_update_rule(sign_rule)
     with pytest.raises(ValueError, match="'sign_scale' already belongs to rule 'test_sign'"):
         register_update_rule(UpdateRule("test_sign2", ScaledSignOptions, scaled_sign))
-    for reserved in ("lr", "ns_steps"):
+    optimizer_options = {*names(MuonOptions), *names(PolarOptions), *names(AdamWOptions), *ADAMW_ALIASES,
+                         *BOOKKEEPING, *OPTIMIZER_ONLY}
+    assert RESERVED_OPTIONS == optimizer_options
+    for reserved in ("lr", "ns_steps", "adamw_betas", "comm_dtype"):
         options = dataclass(frozen=True)(type("Options", (), {"__annotations__": {reserved: float}, reserved: 1.0}))
         with pytest.raises(ValueError, match="belongs to the optimizer"):
             register_update_rule(UpdateRule("test_reserved", options, scaled_sign))

@@ -6,11 +6,14 @@ float32 and on a matrix's owner) from the `UpdateRule`."""
 import dataclasses
 from typing import Callable, NamedTuple
 
-# Param-group keys that belong to the optimizer itself; a rule may not declare them.
+# Param-group keys and arguments of the optimizer itself (options.py, which
+# imports the rules, so cannot be imported here; tests/optim/test_muon_rules.py
+# checks the two agree); a rule may not declare them.
 RESERVED_OPTIONS = frozenset({
     "params", "param_names", "use_muon", "initial_lr", "lr", "momentum", "nesterov", "weight_decay",
     "adjust_lr_fn", "flatten", "update_rule", "orthogonalizer", "ns_steps", "ns_coefficients", "eps", "compile",
     "layer_aware_steps", "max_ns_steps", "spectrum_every", "betas",
+    "adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay", "adamw_foreach", "process_group", "comm_dtype",
 })
 
 
