@@ -103,13 +103,17 @@ def average_partial_gradients(grads, shapes, counts, device, process_group):
 NARROW_WIRE_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _exact_wire_code(tensor):
+def _exact_wire_code(tensor, device):
     """Index into NARROW_WIRE_DTYPES of the first dtype that holds `tensor`
-    exactly, or len(NARROW_WIRE_DTYPES): its own dtype."""
-    for code, dtype in enumerate(NARROW_WIRE_DTYPES):
-        if dtype.itemsize < tensor.dtype.itemsize and torch.equal(tensor.to(dtype).to(tensor.dtype), tensor):
-            return code
-    return len(NARROW_WIRE_DTYPES)
+    exactly, or len(NARROW_WIRE_DTYPES): its own dtype. A 0-dim tensor on
+    `device`, so that deciding costs no host sync per matrix."""
+    code = torch.tensor(len(NARROW_WIRE_DTYPES), device=device)
+    for candidate in reversed(range(len(NARROW_WIRE_DTYPES))):  # the narrowest exact one wins
+        dtype = NARROW_WIRE_DTYPES[candidate]
+        if dtype.itemsize < tensor.dtype.itemsize:
+            exact = torch.eq(tensor.to(dtype).to(tensor.dtype), tensor).all().to(device)
+            code = torch.where(exact, candidate, code)
+    return code
 
 
 def wire_dtypes(local, dtypes, comm_dtype, device, process_group):
@@ -119,10 +123,9 @@ def wire_dtypes(local, dtypes, comm_dtype, device, process_group):
     its owner (local: {index: result}) and shared with one all_reduce."""
     if comm_dtype is not None:
         return [comm_dtype] * len(dtypes)
-    codes = [0] * len(dtypes)
+    codes = torch.zeros(len(dtypes), dtype=torch.int64, device=device)
     for i, result in local.items():
-        codes[i] = _exact_wire_code(result)
-    codes = torch.tensor(codes, dtype=torch.int64, device=device)
+        codes[i] = _exact_wire_code(result, device)
     if group_world(process_group)[1] > 1:
         dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=process_group)  # others sent 0: the owner's code wins
     return [NARROW_WIRE_DTYPES[code] if code < len(NARROW_WIRE_DTYPES) else dtype
