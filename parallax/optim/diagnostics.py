@@ -2,9 +2,8 @@
 
 import torch
 
-from .muon import direction_options
+from .direction import plan_for
 from .muon_update import adjust_lr, as_matrices
-from .spectral import spectral_direction
 
 DEFAULT_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
@@ -63,7 +62,10 @@ def muon_diagnostics(optimizer, loss_fn=None, quantiles=DEFAULT_QUANTILES):
             if "momentum_buffer" not in state:
                 continue
             momentum = as_matrices(state["momentum_buffer"], group["flatten"])
-            direction = spectral_direction(momentum, **direction_options(group, state))
+            plan = plan_for(group, state)
+            # A copy of the state: a rule's second stage (NorMuon) updates its own.
+            scratch = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+            direction = plan.finish(plan.direction(momentum), scratch)
             lr = adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape, group["flatten"])
             report["matrices"].append({
                 "shape": tuple(p.shape),

@@ -8,34 +8,48 @@ import torch.distributed as dist
 from torch.optim import Optimizer
 from torch.optim.adamw import adamw
 
-from .coefficients import NEWTON_SCHULZ_COEFFICIENTS
+from .direction import plan_for
 from .distributed import (
     agree_on_parameters,
+    average_partial_gradients,
     balanced_assignment,
     gather_from_owners,
     group_world,
     orthogonalization_cost,
     owners_to_shards,
     shards_to_owners,
+    wire_dtypes,
 )
-from .layer_steps import layer_aware_ns_steps
 from .muon_update import apply_update, as_matrices, as_scalar, matrix_shape, momentum_step
-from .orthogonalize import polynomial_schedule
+from .options import (
+    AdamWOptions,
+    MuonOptions,
+    PolarOptions,
+    check_group,
+    muon_defaults,
+    normalize_group,
+    pick,
+    read_options,
+    unread_reason,
+)
 from .param_split import split_params
-from .spectral import dynmuon_power, neuron_normalize, spectral_direction
-from .validation import validate_group, validate_process_group
+from .rules import UPDATE_RULES
+from .rules.registry import rule_owning
+from .validation import frozen, validate_process_group
 
 _ROUTING_HINT = (
     "Muon trains matrices only; route 0/1-D parameters (biases, norms, gains) and "
     "embeddings/heads to AdamW with parallax.optim.split_params(model) and "
     "MuonWithAdamW (or MuonWithAdamW.from_model(model))"
 )
-# State that stays float32 whatever the parameter dtype (torch's load_state_dict
-# would cast it to the parameter's dtype).
-_FLOAT32_STATE = ("neuron_second_moment",)
-# Under FSDP2 every rank keeps the momentum of its shards; the owner of a matrix
-# alone keeps what needs the whole matrix.
-_OWNER_STATE = ("neuron_second_moment", "ns_steps")
+
+
+def _rule_state():
+    """The rules' own state keys: float32 whatever the parameter dtype (torch's
+    load_state_dict would cast them to the parameter's dtype), and, with
+    "ns_steps", kept by a matrix's owner alone under a process group or FSDP2
+    (every rank keeps the momentum of its FSDP shards)."""
+    return tuple(key for rule in UPDATE_RULES.values() for key in rule.state_keys)
 
 
 def _dtensor_type():
@@ -70,31 +84,7 @@ def _shard_dim(param):
     raise ValueError(f"DTensor parameters must be Shard(d) or Replicate(), got {placement}")
 
 
-def direction_options(group, state):
-    """Keyword arguments of `spectral_direction` for one parameter this step."""
-    polar_express = group["orthogonalizer"] == "polar_express"
-    dynmuon = group["update_rule"] == "dynmuon"
-    return {
-        "rule": group["update_rule"],
-        "orthogonalizer": group["orthogonalizer"],
-        "ns_steps": state.get("ns_steps", group["ns_steps"]),
-        # Polar Express brings its own per-step schedule.
-        "coefficients": None if polar_express else tuple(group["ns_coefficients"]),
-        "eps": group["eps"],
-        "clip_threshold": group["clip_threshold"],
-        "power": (
-            dynmuon_power(state["step"], group["total_steps"], group["dynmuon_p_max"], group["dynmuon_p_min"],
-                          group["dynmuon_center"], group["dynmuon_width"])
-            if dynmuon else 0.0
-        ),
-        "schatten_q": group["schatten_q"],
-        "kaon_iterations": group["kaon_iterations"],
-        "compiled": group["compile"],
-    }
-
-
-def _check_group(group):
-    validate_group(group)
+def _check_params(group):
     for p in group["params"]:
         if torch.is_complex(p):
             raise TypeError(f"complex parameters are not supported, got dtype {p.dtype}")
@@ -115,110 +105,94 @@ class _Matrix(NamedTuple):
 class MuonWithAdamW(Optimizer):
     """Muon for the groups with use_muon=True, AdamW for those with use_muon=False.
 
-    Every param group dict must carry `use_muon`. Group-level `lr`, `weight_decay`
-    and `eps` override the defaults; AdamW groups default them to `adamw_lr` /
-    `adamw_weight_decay` / `adamw_eps`. The default adjust_lr_fn "original" keeps
-    lr=0.02 meaningful (Keller Jordan's tuning); with "match_rms_adamw" pass an
-    AdamW-like lr. See docs/muon.md for every option.
+    Every param group dict must carry `use_muon`. Any option below may be set
+    per group (AdamW groups: lr, betas, eps, weight_decay, also spelled
+    adamw_lr, ...; they default to the adamw_* arguments); a key a group does
+    not read is refused with the reason. The update rules' options
+    (clip_threshold, total_steps, schatten_q, ...) are keyword arguments too:
+    `parallax.optim.UPDATE_RULES` lists them. The default adjust_lr_fn
+    "original" keeps lr=0.02 meaningful (Keller Jordan's tuning); with
+    "match_rms_adamw" pass an AdamW-like lr. See docs/muon.md for every option.
 
     Distribution is opt-in: with `process_group` (ranks holding the same
     averaged gradients, as under DDP) each matrix is owned by one rank, which
-    keeps its momentum and computes its direction; directions travel in
-    `comm_dtype`. DTensor (FSDP2) parameters are always handled on their own
-    mesh. Use `full_state_dict()` (on every rank) to checkpoint such runs.
+    keeps its momentum and computes its direction; directions travel in the
+    narrowest dtype that holds them exactly, or in `comm_dtype` if set.
+    DTensor (FSDP2) parameters are always handled on their own mesh. Use
+    `full_state_dict()` (on every rank) to checkpoint such runs.
     """
 
     def __init__(
         self,
         param_groups,
         *,
-        lr=0.02,
-        momentum=0.95,
-        nesterov=True,
-        weight_decay=0.0,
-        ns_steps=5,
-        orthogonalizer="newton_schulz",
-        adjust_lr_fn="original",
-        ns_coefficients=NEWTON_SCHULZ_COEFFICIENTS,
-        eps=1e-7,
-        flatten=False,
-        update_rule="orthogonalize",
-        clip_threshold=0.5,
-        dynmuon_p_max=1.0,
-        dynmuon_p_min=-0.25,
-        dynmuon_center=0.04,
-        dynmuon_width=0.04,
-        total_steps=None,
-        schatten_q=0.5,
-        kaon_iterations=5,
-        normuon_beta2=0.95,
-        normuon_eps=1e-8,
-        layer_aware_steps=False,
-        max_ns_steps=10,
-        spectrum_every=100,
-        compile=False,
-        adamw_lr=3e-4,
-        adamw_betas=(0.9, 0.95),
-        adamw_eps=1e-8,
-        adamw_weight_decay=0.0,
+        lr=MuonOptions.lr,
+        momentum=MuonOptions.momentum,
+        nesterov=MuonOptions.nesterov,
+        weight_decay=MuonOptions.weight_decay,
+        ns_steps=PolarOptions.ns_steps,
+        orthogonalizer=PolarOptions.orthogonalizer,
+        adjust_lr_fn=MuonOptions.adjust_lr_fn,
+        ns_coefficients=PolarOptions.ns_coefficients,
+        eps=PolarOptions.eps,
+        flatten=MuonOptions.flatten,
+        update_rule=MuonOptions.update_rule,
+        layer_aware_steps=PolarOptions.layer_aware_steps,
+        max_ns_steps=PolarOptions.max_ns_steps,
+        spectrum_every=PolarOptions.spectrum_every,
+        compile=PolarOptions.compile,
+        adamw_lr=AdamWOptions.lr,
+        adamw_betas=AdamWOptions.betas,
+        adamw_eps=AdamWOptions.eps,
+        adamw_weight_decay=AdamWOptions.weight_decay,
         adamw_foreach=None,
         process_group=None,
-        comm_dtype=torch.bfloat16,
+        comm_dtype=None,
+        **rule_options,
     ):
         validate_process_group(process_group, comm_dtype)
+        defaults = muon_defaults()
+        for name in rule_options:
+            if rule_owning(name) is None:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+        polar = {"orthogonalizer": orthogonalizer, "ns_steps": ns_steps, "ns_coefficients": frozen(ns_coefficients),
+                 "eps": eps, "compile": compile, "layer_aware_steps": layer_aware_steps,
+                 "max_ns_steps": max_ns_steps, "spectrum_every": spectrum_every}
+        # Set away from their defaults: some Muon group must read each (checked below).
+        chosen = {name: value for name, value in {**polar, **rule_options}.items() if value != defaults[name]}
+        defaults.update(polar)
+        defaults.update(rule_options)
+        defaults.update(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        adjust_lr_fn=adjust_lr_fn, flatten=flatten, update_rule=update_rule)
         self.process_group = process_group
         self.comm_dtype = comm_dtype
         self.adamw_foreach = adamw_foreach
-        self._adamw_defaults = {"lr": adamw_lr, "weight_decay": adamw_weight_decay, "eps": adamw_eps}
+        self._adamw_defaults = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps,
+                                "weight_decay": adamw_weight_decay}
+        AdamWOptions(**self._adamw_defaults)  # checked even when no AdamW group exists yet
         self._owners_cache = {}
-        defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "nesterov": nesterov,
-            "weight_decay": weight_decay,
-            "ns_steps": ns_steps,
-            "orthogonalizer": orthogonalizer,
-            "adjust_lr_fn": adjust_lr_fn,
-            "ns_coefficients": tuple(ns_coefficients),
-            "eps": eps,
-            "flatten": flatten,
-            "update_rule": update_rule,
-            "clip_threshold": clip_threshold,
-            "dynmuon_p_max": dynmuon_p_max,
-            "dynmuon_p_min": dynmuon_p_min,
-            "dynmuon_center": dynmuon_center,
-            "dynmuon_width": dynmuon_width,
-            "total_steps": total_steps,
-            "schatten_q": schatten_q,
-            "kaon_iterations": kaon_iterations,
-            "normuon_beta2": normuon_beta2,
-            "normuon_eps": normuon_eps,
-            "layer_aware_steps": layer_aware_steps,
-            "max_ns_steps": max_ns_steps,
-            "spectrum_every": spectrum_every,
-            "compile": compile,
-            "betas": tuple(adamw_betas),
-        }
         super().__init__(param_groups, defaults)
+        muon_groups = [group for group in self.param_groups if group["use_muon"]]
+        for name, value in chosen.items():
+            if muon_groups and not any(name in read_options(group) for group in muon_groups):
+                raise ValueError(f"{name}={value!r} has no effect: {unread_reason(name, muon_groups[0])}")
 
     @classmethod
-    def from_model(cls, model, **kwargs):
-        """Build from `split_params(model)`: Muon on hidden matrices, AdamW on the rest."""
-        muon_params, adamw_params = split_params(model)
+    def from_model(cls, model, *, exclude=(), muon=(), **kwargs):
+        """Build from `split_params(model, exclude=..., muon=...)`: Muon on the
+        hidden matrices, AdamW on the rest (see docs/muon.md, Routing)."""
+        muon_params, adamw_params = split_params(model, exclude=exclude, muon=muon)
         groups = [{"params": muon_params, "use_muon": True}, {"params": adamw_params, "use_muon": False}]
         return cls([g for g in groups if g["params"]], **kwargs)
 
     def add_param_group(self, param_group):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        if param_group.get("use_muon") is False:
-            if "adamw_eps" in param_group:
-                param_group.setdefault("eps", param_group.pop("adamw_eps"))
-            for key, value in self._adamw_defaults.items():
-                param_group.setdefault(key, value)
+        explicit = normalize_group(param_group, self._adamw_defaults)
         super().add_param_group(param_group)
         try:
-            _check_group(self.param_groups[-1])
+            check_group(self.param_groups[-1], explicit)
+            _check_params(self.param_groups[-1])
         except (TypeError, ValueError):
             # A rejected group must not stay behind in a live optimizer.
             self.param_groups.pop()
@@ -251,28 +225,38 @@ class MuonWithAdamW(Optimizer):
         if not entries:
             return
         rank, world_size = group_world(process_group)
-        has_grad = [p.grad is not None for p, _ in entries]
+        grad_counts = [int(p.grad is not None) for p, _ in entries]
+        device = _local(entries[0][0]).device
         if world_size > 1:
             signature = [(tuple(p.shape), str(p.dtype)) for p, _ in entries]
-            has_grad = agree_on_parameters(signature, has_grad, process_group, _local(entries[0][0]).device)
+            grad_counts = agree_on_parameters(signature, grad_counts, process_group, device)
         # Owners over all parameters, so a matrix's state stays put when another has no grad.
-        owners = [owner for owner, stepped in zip(self._owners(entries, world_size), has_grad) if stepped]
-        entries = [e for e, stepped in zip(entries, has_grad) if stepped]
+        stepped = [count > 0 for count in grad_counts]
+        owners = [owner for owner, keep in zip(self._owners(entries, world_size), stepped) if keep]
+        entries = [e for e, keep in zip(entries, stepped) if keep]
+        grad_counts = [count for count in grad_counts if count > 0]
         if not entries:
             return
         if sharded:
             self._sharded_muon_step(entries, owners, process_group)
             return
-        # Plain tensors: the owner updates its momentum and computes the direction.
-        mine = {i: self._momentum(p, group, p.grad) for i, (p, group) in enumerate(entries) if owners[i] == rank}
+        # Plain tensors: the owner updates its momentum and computes the direction,
+        # from a gradient some ranks lack averaged over those that hold it.
+        grads = [p.grad for p, _ in entries]
+        if world_size > 1:
+            shapes = [p.shape for p, _ in entries]
+            for i, grad in average_partial_gradients(grads, shapes, grad_counts, device, process_group).items():
+                grads[i] = grad.to(entries[i][0].dtype)
+        mine = {i: self._momentum(p, group, grads[i]) for i, (p, group) in enumerate(entries) if owners[i] == rank}
         for i, (p, _) in enumerate(entries):
             if owners[i] != rank:
                 self.state.pop(p, None)  # e.g. loaded from a full checkpoint: the owner keeps it
         directions = self._directions({i: _Matrix(*entries[i], as_matrices(u, entries[i][1]["flatten"]))
                                        for i, u in mine.items()})
         if world_size > 1:
-            directions = gather_from_owners(directions, owners, [p.shape for p, _ in entries],
-                                            [p.dtype for p, _ in entries], self.comm_dtype, _local(entries[0][0]).device,
+            dtypes = [p.dtype for p, _ in entries]
+            wire = wire_dtypes(directions, dtypes, self.comm_dtype, device, process_group)
+            directions = gather_from_owners(directions, owners, [p.shape for p, _ in entries], dtypes, wire, device,
                                             process_group)
         for i, (p, group) in enumerate(entries):
             self._apply(p, group, directions[i], p.shape)
@@ -293,7 +277,7 @@ class MuonWithAdamW(Optimizer):
         rank, _ = group_world(process_group)
         for i, (p, _) in enumerate(entries):
             if owners[i] != rank and p in self.state:
-                for key in _OWNER_STATE:  # e.g. loaded from a full checkpoint: the owner keeps it
+                for key in _rule_state() + ("ns_steps",):  # e.g. loaded from a full checkpoint: the owner keeps it
                     self.state[p].pop(key, None)
         for dim, indices in by_dim.items():
             shards = [self._momentum(*entries[i], _local(entries[i][0].grad) if entries[i][0].grad is not None else None)
@@ -303,8 +287,9 @@ class MuonWithAdamW(Optimizer):
             wholes = shards_to_owners(shards, sub_owners, shapes, dim, process_group)
             directions = self._directions({k: _Matrix(*entries[indices[k]], as_matrices(u, entries[indices[k]][1]["flatten"]))
                                            for k, u in wholes.items()})
-            local = owners_to_shards(directions, sub_owners, shapes, dim, [s.dtype for s in shards], self.comm_dtype,
-                                     shards[0].device, process_group)
+            dtypes = [shard.dtype for shard in shards]
+            wire = wire_dtypes(directions, dtypes, self.comm_dtype, shards[0].device, process_group)
+            local = owners_to_shards(directions, sub_owners, shapes, dim, dtypes, wire, shards[0].device, process_group)
             for k, i in enumerate(indices):
                 self._apply(entries[i][0], entries[i][1], local[k], entries[i][0].shape)
 
@@ -322,7 +307,7 @@ class MuonWithAdamW(Optimizer):
 
     def _momentum(self, p, group, grad):
         """Momentum update of p's (local) state; returns the matrix to orthogonalize.
-        `grad` None (another rank has one): a zero gradient."""
+        `grad` None (FSDP2: only another rank's shard has one): a zero gradient."""
         state = self.state[p]
         local_param = _local(p)
         if "momentum_buffer" not in state:
@@ -334,38 +319,30 @@ class MuonWithAdamW(Optimizer):
 
     def _directions(self, matrices):
         """{key: direction} for {key: _Matrix} computed on this rank; matrices of
-        one shape and the same options are stacked into one batched call."""
-        batches = {}
+        one shape and one plan (rule, options, step count) are stacked into one
+        batched call, then each goes through its rule's per-parameter stage."""
+        measuring, plans, batches = {}, {}, {}  # options are read and checked once per group
         for key, (p, group, matrix) in matrices.items():
             state = self.state[p]
-            if group["layer_aware_steps"] and (state["step"] - 1) % group["spectrum_every"] == 0:
-                coefficients = None if group["orthogonalizer"] == "polar_express" else group["ns_coefficients"]
-                schedule, norm_scale = polynomial_schedule(group["orthogonalizer"], group["max_ns_steps"], coefficients)
-                state["ns_steps"] = layer_aware_ns_steps(matrix, coefficients=schedule, norm_scale=norm_scale,
-                                                         max_steps=group["max_ns_steps"])
-            options = direction_options(group, state)
-            batch_key = (tuple(matrix.shape[-2:]), matrix.dtype, matrix.device, tuple(options.items()))
-            batches.setdefault(batch_key, []).append(key)
+            if id(group) not in measuring:  # the orthogonalizer of a layer-aware group
+                measuring[id(group)] = pick(PolarOptions, group) if "spectrum_every" in read_options(group) else None
+            if measuring[id(group)] is not None and (state["step"] - 1) % group["spectrum_every"] == 0:
+                state["ns_steps"] = measuring[id(group)].measured_steps(matrix)
+            plan_key = (id(group), state["step"], state.get("ns_steps"))
+            if plan_key not in plans:
+                plans[plan_key] = plan_for(group, state)
+            batches.setdefault((tuple(matrix.shape[-2:]), matrix.dtype, matrix.device, plans[plan_key]), []).append(key)
         directions = {}
-        for (_, _, _, options), keys in batches.items():
+        for (_, _, _, plan), keys in batches.items():
             stack = [matrices[key].matrix.reshape(-1, *matrices[key].matrix.shape[-2:]) for key in keys]
             if len(stack) == 1:
-                outputs = [spectral_direction(matrices[keys[0]].matrix, **dict(options))]
+                outputs = [plan.direction(matrices[keys[0]].matrix)]
             else:
-                outputs = spectral_direction(torch.cat(stack), **dict(options)).split([len(s) for s in stack])
+                outputs = plan.direction(torch.cat(stack)).split([len(s) for s in stack])
             for key, output in zip(keys, outputs):
-                directions[key] = self._normalize_neurons(matrices[key], output.reshape(matrices[key].matrix.shape))
+                p, _, matrix = matrices[key]
+                directions[key] = plan.finish(output.reshape(matrix.shape), self.state[p])
         return directions
-
-    def _normalize_neurons(self, item, direction):
-        p, group, matrix = item
-        if group["update_rule"] != "normuon":
-            return direction
-        state = self.state[p]
-        # Created lazily so a group may switch to NorMuon mid-training.
-        if "neuron_second_moment" not in state:
-            state["neuron_second_moment"] = torch.zeros(matrix.shape[:-1], dtype=torch.float32, device=matrix.device)
-        return neuron_normalize(direction, state["neuron_second_moment"], group["normuon_beta2"], group["normuon_eps"])
 
     def _apply(self, p, group, direction, shape):
         apply_update(_local(p), direction, lr=group["lr"], weight_decay=group["weight_decay"],
@@ -411,7 +388,7 @@ class MuonWithAdamW(Optimizer):
             if group.get("use_muon") is False and "adamw_eps" in group:
                 group["eps"] = group.pop("adamw_eps")
         float32_state = {
-            index: {key: value.detach().clone() for key, value in state.items() if key in _FLOAT32_STATE}
+            index: {key: value.detach().clone() for key, value in state.items() if key in _rule_state()}
             for index, state in state_dict["state"].items()
         }
         super().load_state_dict({"state": state_dict["state"], "param_groups": groups})
@@ -470,9 +447,10 @@ class MuonWithAdamW(Optimizer):
 
 
 class Muon(MuonWithAdamW):
-    """Drop-in for torch.optim.Muon (same arguments, same results step for step,
-    loads its state_dict), plus the parallax variants as keyword arguments (see
-    MuonWithAdamW). 3-D parameters are batches of matrices (flatten=True: one
+    """Drop-in for torch.optim.Muon (same arguments, same results step for step
+    except bf16 parameters with nesterov=False, where torch normalises its own
+    momentum buffer in place (docs/muon.md); loads its state_dict), plus the
+    parallax variants as keyword arguments (see MuonWithAdamW). 3-D parameters are batches of matrices (flatten=True: one
     [shape[0], -1] matrix); 4-D+ ones are trained as [shape[0], -1] matrices."""
 
     def __init__(
@@ -482,12 +460,12 @@ class Muon(MuonWithAdamW):
         weight_decay=0.1,
         momentum=0.95,
         nesterov=True,
-        ns_coefficients=NEWTON_SCHULZ_COEFFICIENTS,
-        eps=1e-7,
-        ns_steps=5,
+        ns_coefficients=PolarOptions.ns_coefficients,
+        eps=PolarOptions.eps,
+        ns_steps=PolarOptions.ns_steps,
         adjust_lr_fn=None,
         *,
-        orthogonalizer="newton_schulz",
+        orthogonalizer=PolarOptions.orthogonalizer,
         **variant_options,
     ):
         super().__init__(

@@ -1,11 +1,9 @@
-"""Pure per-matrix pieces of a Muon step, in the order the optimizer runs them:
-momentum -> spectral direction -> (NorMuon row normalisation) -> apply."""
+"""Pure per-matrix pieces of a Muon step around its direction (direction.py):
+the matrix view of a parameter, momentum, the learning-rate shape factor, apply."""
 
 import math
 
 import torch
-
-from .spectral import spectral_direction
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
@@ -53,13 +51,6 @@ def momentum_step(grad, momentum_buffer, momentum=0.95, nesterov=True):
     matrix to orthogonalize: grad + momentum * (buf - grad) with nesterov, else buf."""
     momentum_buffer.lerp_(grad, 1 - momentum)
     return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-
-
-def muon_update(grad, momentum_buffer, *, momentum=0.95, nesterov=True, rule="orthogonalize", **direction_options):
-    """Momentum then spectral direction for one matrix (or a batch of them).
-    `direction_options` are those of `spectral_direction` (orthogonalizer,
-    ns_steps, coefficients, eps, clip_threshold, power, schatten_q, kaon_iterations)."""
-    return spectral_direction(momentum_step(grad, momentum_buffer, momentum, nesterov), rule, **direction_options)
 
 
 def apply_update(param, direction, *, lr, weight_decay, adjust_lr_fn, shape=None, flatten=False):

@@ -1,12 +1,12 @@
-"""The fine-tuning recipe of docs/hf.md: probes + LoRA adapters (peft), MuonWithAdamW, the rest frozen."""
+"""The fine-tuning recipe of docs/hf.md: probes + LoRA adapters (add_lora, through peft), MuonWithAdamW, the rest frozen."""
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from parallax import MuonWithAdamW
 from parallax.hf import to_parallax
+from parallax.optim import add_lora, lora_target_modules
 
 CORPUS = Path(__file__).resolve().parents[2] / "docs" / "parallax-math.md"  # ~10 KB of local text, as bytes
 
@@ -25,9 +25,10 @@ def test_probes_and_lora_fine_tune_with_muon(tmp_path):
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
     model = to_parallax(base)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters() if "r_proj" not in name}
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                      "o_proj"],
-                                                  modules_to_save=["r_proj"]))
+    adapted = lora_target_modules(model, modules_to_save=["r_proj"])  # attention and MLP projections
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"}
+    peft_model = add_lora(model, rank=4, alpha=8, modules_to_save=["r_proj"])
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "r_proj" in name for name in trainable)
     probes = [p for name, p in peft_model.named_parameters() if "r_proj" in name and p.requires_grad]
@@ -49,8 +50,8 @@ def test_probes_and_lora_fine_tune_with_muon(tmp_path):
     merged = peft_model.merge_and_unload().eval()
     assert all(layer.self_attn.r_proj.weight.norm() > 0.1 for layer in merged.model.layers)  # trained probes kept
     for name, p in merged.named_parameters():
-        if name in frozen and not name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
-            assert torch.equal(p, frozen[name]), name  # embeddings, MLPs, norms untouched
+        if name in frozen and name.removesuffix(".weight") not in adapted:
+            assert torch.equal(p, frozen[name]), name  # embeddings, head, norms untouched
     merged.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     x = next(batches(1, 2, 16, seed=1))

@@ -1,4 +1,5 @@
-"""Fixtures of the optimizer tests: matrices of known spectrum and a tiny LM."""
+"""Fixtures of the optimizer tests: matrices of known spectrum, a tiny LM, a
+training loop, and stepping optimizers side by side on the same gradients."""
 import pytest
 import torch
 
@@ -43,6 +44,21 @@ def lm_loss(model, tokens):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
+def train_steps(model, optimizer, batches, scheduler=None):
+    """One optimizer (and scheduler) step per batch of tokens on `model`'s
+    next-token loss (`model` may be a DDP/FSDP wrapper); returns the losses."""
+    losses = []
+    for tokens in batches:
+        optimizer.zero_grad()
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def tiny_lm():
     def build(seed=0, **kwargs):
@@ -64,3 +80,15 @@ def token_batches():
 @pytest.fixture
 def loss_of():
     return lm_loss
+
+
+def step_side_by_side(optimizers, param_lists, steps, grad_scale=1.0):
+    """`steps` times: give the i-th parameter of every list in `param_lists` the
+    same fresh random gradient (times grad_scale), then step every optimizer."""
+    for _ in range(steps):
+        for params in zip(*param_lists):
+            grad = torch.randn_like(params[0]) * grad_scale
+            for p in params:
+                p.grad = grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()

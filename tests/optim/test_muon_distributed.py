@@ -4,10 +4,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import parallax.optim.muon as muon_module
 from parallax.optim import MuonWithAdamW
+from parallax.optim.direction import DirectionPlan
 from parallax.optim.distributed import balanced_assignment
 
+from .conftest import train_steps
 from .ranks import run_ranks
 
 STEPS = 3
@@ -16,13 +17,15 @@ WORLD_SIZE = 2
 
 class SmallNet(nn.Module):
     """Embedding, four hidden Linears (one 13 rows: uneven FSDP shards), three
-    experts [3, 8, 5] (a batch of matrices), tied head."""
+    experts [3, 8, 5] (a batch of matrices, declared by num_experts), tied head."""
+
+    num_experts = 3
 
     def __init__(self):
         super().__init__()
         self.wte = nn.Embedding(12, 8)
         self.hidden = nn.ModuleList([nn.Linear(8, 13), nn.Linear(13, 8), nn.Linear(8, 8), nn.Linear(8, 16)])
-        self.experts = nn.Parameter(torch.randn(3, 8, 5) / 3)
+        self.experts = nn.Parameter(torch.randn(self.num_experts, 8, 5) / 3)
         self.lm_head = nn.Linear(8, 12, bias=False)
         self.lm_head.weight = self.wte.weight
 
@@ -40,30 +43,23 @@ def make_model_and_data(batches_per_step=1):
     return model, tokens
 
 
-def loss_of(forward, batch):
-    logits = forward(batch[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, 12), batch[:, 1:].reshape(-1))
-
-
 def train(model, tokens, forward, **options):
+    """MuonWithAdamW.from_model(model) trained through `forward` (model or its wrapper)."""
     optimizer = MuonWithAdamW.from_model(model, lr=0.05, adamw_lr=1e-2, weight_decay=0.01, **options)
-    for batch in tokens:
-        optimizer.zero_grad()
-        loss_of(forward, batch).backward()
-        optimizer.step()
+    train_steps(forward, optimizer, tokens)
     return optimizer
 
 
-def count_directions(monkeypatch_target=muon_module):
-    """Patch spectral_direction to record the matrices this process orthogonalizes."""
+def count_directions():
+    """Record the matrices this (worker) process computes directions of."""
     calls = []
-    original = monkeypatch_target.spectral_direction
+    original = DirectionPlan.direction
 
-    def counting(matrix, **options):
+    def counting(plan, matrix):
         calls.append(tuple(matrix.shape))
-        return original(matrix, **options)
+        return original(plan, matrix)
 
-    monkeypatch_target.spectral_direction = counting
+    DirectionPlan.direction = counting
     return calls
 
 
@@ -118,14 +114,9 @@ def _full_checkpoint_worker(rank, world_size, out_dir):
     ddp = nn.parallel.DistributedDataParallel(model)
     optimizer = MuonWithAdamW.from_model(model, lr=0.05, adamw_lr=1e-2, update_rule="normuon",
                                          process_group=dist.group.WORLD)
-    for batch in tokens[:2]:
-        optimizer.zero_grad()
-        loss_of(ddp, batch).backward()
-        optimizer.step()
+    train_steps(ddp, optimizer, tokens[:2])
     checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": optimizer.full_state_dict()}
-    optimizer.zero_grad()
-    loss_of(ddp, tokens[2]).backward()
-    optimizer.step()
+    train_steps(ddp, optimizer, tokens[2:])
 
     resumed, _ = make_model_and_data()
     resumed.load_state_dict(checkpoint["model"])
@@ -133,9 +124,7 @@ def _full_checkpoint_worker(rank, world_size, out_dir):
     resumed_optimizer = MuonWithAdamW.from_model(resumed, lr=0.05, adamw_lr=1e-2, update_rule="normuon",
                                                  process_group=dist.group.WORLD)
     resumed_optimizer.load_state_dict(checkpoint["optim"])
-    resumed_optimizer.zero_grad()
-    loss_of(resumed_ddp, tokens[2]).backward()
-    resumed_optimizer.step()
+    train_steps(resumed_ddp, resumed_optimizer, tokens[2:])
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
     torch.save(same, f"{out_dir}/rank{rank}.pt")
 
@@ -168,25 +157,77 @@ def test_ranks_holding_different_matrices_raise_instead_of_hanging(tmp_path):
         assert message is not None and "different matrices" in message and "process_group" in message
 
 
-def _missing_grad_worker(rank, world_size, out_dir):
-    """A grad that is None on one rank only: both ranks step it alike."""
+# One matrix per shape: a rank then stacks the same matrices as one process does.
+SHAPES = [(8, 8), (6, 10), (4, 12), (12, 4)]
+
+
+def step_matrices(optimizer, matrices, step, missing=lambda i, step: False):
+    """The same seeded gradients on every rank; missing(i, step): no gradient."""
+    torch.manual_seed(10 + step)
+    for i, p in enumerate(matrices):
+        p.grad = torch.randn_like(p)
+        if missing(i, step):
+            p.grad = None
+    optimizer.step()
+
+
+def fresh_matrices():
     torch.manual_seed(0)
-    matrices = [nn.Parameter(torch.randn(s)) for s in [(8, 8), (8, 8), (4, 12)]]
+    return [nn.Parameter(torch.randn(s)) for s in SHAPES]
+
+
+def _missing_grad_worker(rank, world_size, out_dir):
+    """Matrix 1 has a gradient on one rank only (rank 1, then rank 0): its owner
+    must step it with that gradient, whichever rank holds it."""
+    matrices = fresh_matrices()
     optimizer = MuonWithAdamW([{"params": matrices, "use_muon": True}], lr=0.1, process_group=dist.group.WORLD)
     for step in range(2):
-        torch.manual_seed(10 + step)
-        for i, p in enumerate(matrices):
-            p.grad = torch.randn_like(p)
-            if i == 1 and rank == step % 2:
-                p.grad = None
-        optimizer.step()
+        step_matrices(optimizer, matrices, step, missing=lambda i, step: i == 1 and rank == step % 2)
     torch.save([p.detach().clone() for p in matrices], f"{out_dir}/rank{rank}.pt")
 
 
-def test_grad_missing_on_one_rank_is_stepped_alike_without_hanging(tmp_path):
+def test_a_gradient_held_by_some_ranks_reaches_the_owner(tmp_path):
     run_ranks(_missing_grad_worker, WORLD_SIZE, str(tmp_path), timeout=60)
-    first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    reference = fresh_matrices()  # one process that holds every gradient
+    optimizer = MuonWithAdamW([{"params": reference, "use_muon": True}], lr=0.1)
+    for step in range(2):
+        step_matrices(optimizer, reference, step)
+    for r in range(WORLD_SIZE):
+        assert all(torch.equal(a, b) for a, b in zip(torch.load(tmp_path / f"rank{r}.pt"), reference))
+
+
+# (options, comm_dtype): NorMuon, SVD, MuCon and Kaon directions hold float32
+# values, Gram Newton-Schulz's float16 ones, Newton-Schulz's bfloat16 ones.
+WIRE_CASES = [({}, None), ({"update_rule": "normuon"}, None), ({"orthogonalizer": "svd"}, None),
+              ({"update_rule": "mucon"}, None), ({"update_rule": "kaon"}, None),
+              ({"orthogonalizer": "gram_newton_schulz"}, None), ({"update_rule": "normuon"}, torch.bfloat16)]
+
+
+def train_matrices(options, **distributed):
+    matrices = fresh_matrices()
+    optimizer = MuonWithAdamW([{"params": matrices, "use_muon": True}], **options, **distributed)
+    for step in range(2):
+        step_matrices(optimizer, matrices, step)
+    return [p.detach().clone() for p in matrices]
+
+
+def _wire_worker(rank, world_size, out_dir):
+    results = [train_matrices(options, process_group=dist.group.WORLD, comm_dtype=comm_dtype)
+               for options, comm_dtype in WIRE_CASES]
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def test_directions_travel_exactly_unless_a_comm_dtype_is_asked_for(tmp_path):
+    run_ranks(_wire_worker, WORLD_SIZE, str(tmp_path), timeout=60)
+    shared = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    for case, (options, comm_dtype) in enumerate(WIRE_CASES):
+        reference = train_matrices(options)
+        for result in shared:
+            if comm_dtype is None:
+                assert all(torch.equal(a, b) for a, b in zip(result[case], reference)), options
+            else:  # asked for: float32 directions rounded to bf16, a relative 2^-9 of an lr = 0.02 step
+                differences = [(a - b).abs().max() for a, b in zip(result[case], reference)]
+                assert max(differences) > 0 and all(d < 0.02 * 2**-7 for d in differences)
 
 
 def _fsdp_worker(rank, world_size, out_dir, options):
@@ -207,10 +248,12 @@ def _fsdp_worker(rank, world_size, out_dir, options):
     torch.save({"params": [p.full_tensor() for p in model.parameters()], "full": full}, f"{out_dir}/rank{rank}.pt")
 
 
+# Directions travel exactly (float32 for SVD and NorMuon, bf16 for Newton-Schulz);
+# what is left is the order of float32 sums over shards.
 @pytest.mark.parametrize("options, tolerance", [
-    ({"orthogonalizer": "svd", "comm_dtype": None}, 1e-5),  # float32 directions on the wire
-    ({}, 2e-3),  # bf16 Newton-Schulz: one bf16 rounding of a direction moves a weight by ~lr * 2^-8
-    ({"update_rule": "normuon", "flatten": True, "orthogonalizer": "svd", "comm_dtype": None}, 1e-5),
+    ({"orthogonalizer": "svd"}, 1e-5),
+    ({}, 1e-5),
+    ({"update_rule": "normuon", "flatten": True, "orthogonalizer": "svd"}, 1e-5),
 ])
 def test_fsdp2_muon_equals_single_process(tmp_path, options, tolerance):
     model, tokens = make_model_and_data(batches_per_step=WORLD_SIZE)

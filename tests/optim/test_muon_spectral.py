@@ -17,7 +17,8 @@ from parallax.optim import (
     spectral_direction,
     spectral_power,
 )
-from parallax.optim.spectral import kaon_scalar
+from parallax.optim.rules.kaon import KAON_GAIN, KAON_SCALE
+from parallax.optim.rules.mucon import spectral_norm_estimate
 
 SPECTRUM = [4.0, 2.0, 1.0, 0.5, 0.1]
 
@@ -63,14 +64,57 @@ def test_mucon_threshold_is_relative_to_the_spectral_norm(matrix_with_spectrum):
         assert_same_singular_vectors(result, U, V)
 
 
+def test_absolute_mucon_is_the_papers_clip(matrix_with_spectrum):
+    M, U, V = matrix_with_spectrum(12, 20, SPECTRUM)
+    for threshold in (0.3, 1.5, 5.0):
+        assert torch.allclose(mucon(M, threshold, relative=False), clip_singular_values(M, threshold), atol=1e-12)
+    with pytest.raises(ValueError, match="threshold"):
+        mucon(M, 0.0, relative=False)
+    mucon(M, 7.0, relative=False)  # any tau > 0: only the relative tau is a fraction
+
+
 def test_default_mucon_clips_at_ordinary_gradient_scales():
     # Gradients have spectral norms far below 1: MuCon must neither be momentum SGD nor Muon.
     G = torch.randn(64, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
-    direction = spectral_direction(G, "mucon", orthogonalizer="svd")
+    direction = spectral_direction(G, "mucon", clip_method="svd")
     S = torch.linalg.svdvals(direction)
     assert S.max() == pytest.approx(1.0, abs=1e-6)  # clipped: Muon's spectral norm, not G's
     assert S.min() < 0.8  # small directions keep their (smaller) size: not Muon either
     assert not torch.allclose(direction, G / torch.linalg.matrix_norm(G, 2), atol=1e-3)
+
+
+def gaussian_and_log_spectrum_matrices():
+    generator = torch.Generator().manual_seed(0)
+    for rows, cols in [(48, 160), (160, 48)]:
+        yield torch.randn(rows, cols, generator=generator)
+        rank = min(rows, cols)
+        U, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator))
+        V, _ = torch.linalg.qr(torch.randn(cols, rank, generator=generator))
+        yield (U * torch.logspace(0, -3, rank)) @ V.mT
+
+
+@pytest.mark.parametrize("relative", [True, False])
+@pytest.mark.parametrize("fraction", [0.1, 0.9])
+def test_default_mucon_is_the_svd_clip_within_one_percent(relative, fraction):
+    for M in gaussian_and_log_spectrum_matrices():  # float32, as the optimizer sees them
+        s1 = torch.linalg.matrix_norm(M.double(), 2).item()
+        threshold = fraction if relative else fraction * s1
+        direction = spectral_direction(M, "mucon", clip_threshold=threshold, clip_relative=relative).double()
+        exact = clip_singular_values(M.double(), fraction * s1) / (fraction * s1 if relative else 1.0)
+        target = 1.0 if relative else threshold  # the spectral norm the clip must give
+        assert abs(torch.linalg.matrix_norm(direction, 2).item() - target) <= 0.01 * target
+        assert (direction - exact).norm() <= 0.01 * exact.norm()
+
+
+def test_spectral_norm_estimate_is_accurate_where_power_iteration_stalls():
+    # Gaussian matrices: the top singular values cluster (gap s2/s1 ~ 0.994 at 1024 x 1024).
+    M = torch.randn(512, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    estimate = spectral_norm_estimate(M)
+    exact = torch.linalg.matrix_norm(M, 2)
+    assert exact * (1 - 1e-5) <= estimate <= exact * (1 + 1e-12)
+    assert spectral_norm_estimate(torch.zeros(3, 5)) == 0
+    low_rank = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 70, dtype=torch.float64)
+    assert spectral_norm_estimate(low_rank) == pytest.approx(torch.linalg.matrix_norm(low_rank, 2).item(), rel=1e-10)
 
 
 @pytest.mark.parametrize("power", [1.0, 0.5, 0.0, -0.25])
@@ -155,6 +199,13 @@ def test_freon_update_has_muons_rms_on_a_gradient_sized_matrix():
     G = torch.randn(768, 768, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
     muon_rms = orthogonalize(G, "svd").square().mean().sqrt()
     assert freon(G, 0.5).square().mean().sqrt() / muon_rms == pytest.approx(1.0, rel=1e-6)
+
+
+def kaon_scalar(x, iterations):
+    """The Kaon map on one normalised singular value."""
+    for _ in range(iterations):
+        x = KAON_GAIN * x * (1.0 - x * x) ** 2
+    return x / KAON_SCALE
 
 
 def test_kaon_scrambles_singular_values_by_chaotic_map(matrix_with_spectrum):

@@ -5,6 +5,9 @@ import torch
 from torch import nn
 
 from parallax.optim import Muon, MuonWithAdamW, adjust_lr, orthogonalize
+from parallax.optim.direction import DirectionPlan
+
+from .conftest import step_side_by_side
 
 SHAPES = [(24, 8), (8, 24), (16, 16)]
 
@@ -13,13 +16,7 @@ def run_both(shapes, steps=4, **kwargs):
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(s)) for s in shapes]
     theirs = [nn.Parameter(p.detach().clone()) for p in ours]
-    optimizers = (Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs))
-    for _ in range(steps):
-        for a, b in zip(ours, theirs):
-            grad = torch.randn_like(a)
-            a.grad, b.grad = grad.clone(), grad.clone()
-        for optimizer in optimizers:
-            optimizer.step()
+    step_side_by_side([Muon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)], [ours, theirs], steps)
     return ours, theirs
 
 
@@ -30,6 +27,28 @@ def test_matches_torch_muon_bit_for_bit(nesterov, adjust_lr_fn):
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
     assert not torch.equal(ours[0], run_both(SHAPES, steps=0)[0][0])  # the steps did move
+
+
+def test_bf16_parameters_match_torch_with_nesterov_and_differ_by_its_in_place_normalisation_without():
+    """docs/muon.md: torch 2.13 divides its own bf16 momentum buffer by its norm
+    when nesterov=False (grad.bfloat16() is no copy); parallax keeps the buffer."""
+    for nesterov in (True, False):
+        torch.manual_seed(0)
+        ours = [nn.Parameter(torch.randn(s, dtype=torch.bfloat16)) for s in SHAPES]
+        theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+        optimizers = [Muon(ours, lr=0.02, nesterov=nesterov), torch.optim.Muon(theirs, lr=0.02, nesterov=nesterov)]
+        equal_after = []
+        for _ in range(3):
+            step_side_by_side(optimizers, [ours, theirs], 1)
+            equal_after.append(all(torch.equal(a, b) for a, b in zip(ours, theirs)))
+        their_buffer_norms = [optimizers[1].state[p]["momentum_buffer"].float().norm().item() for p in theirs]
+        our_buffer_norms = [optimizers[0].state[p]["momentum_buffer"].float().norm().item() for p in ours]
+        if nesterov:
+            assert equal_after == [True, True, True] and our_buffer_norms == their_buffer_norms
+        else:
+            assert equal_after == [True, False, False]
+            assert their_buffer_norms == pytest.approx([1.0] * len(SHAPES), abs=1e-2)  # normalised in place
+            assert all(abs(n - 1.0) > 0.05 for n in our_buffer_norms)  # a plain EMA of the gradients
 
 
 def test_matches_torch_muon_with_custom_hyperparameters():
@@ -109,12 +128,10 @@ def test_tensor_lr_matches_torch_muon():
 
 
 def test_many_same_shape_matrices_are_stacked_and_stay_bit_exact(monkeypatch):
-    import parallax.optim.muon as muon_module
-
     calls = []
-    original = muon_module.spectral_direction
-    monkeypatch.setattr(muon_module, "spectral_direction",
-                        lambda matrix, **options: calls.append(tuple(matrix.shape)) or original(matrix, **options))
+    original = DirectionPlan.direction
+    monkeypatch.setattr(DirectionPlan, "direction",
+                        lambda plan, matrix: calls.append(tuple(matrix.shape)) or original(plan, matrix))
     shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (16, 16), (16, 16)]
     ours, theirs = run_both(shapes, steps=2, lr=0.02)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -6,6 +6,8 @@ from torch import nn
 
 from parallax.optim import MuonWithAdamW, split_params
 
+from .conftest import step_side_by_side, train_steps
+
 
 def ids(params):
     return {id(p) for p in params}
@@ -30,16 +32,6 @@ def test_split_params_untied_head_and_frozen_parameters(tiny_lm):
     assert len(muon) + len(adamw) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_split_params_finds_linear_tied_to_embedding_under_any_name():
-    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10, bias=False))
-    model[2].weight = model[0].weight
-    muon, adamw = split_params(model)
-    assert ids(muon) == {id(model[1].weight)}
-    assert split_params(nn.Conv2d(2, 3, 3))[0][0].ndim == 4  # conv kernels go to Muon
-    with pytest.raises(TypeError, match="model"):
-        split_params([nn.Parameter(torch.ones(2, 2))])
-
-
 def test_every_group_must_say_use_muon():
     with pytest.raises(ValueError, match="use_muon"):
         MuonWithAdamW([{"params": [nn.Parameter(torch.randn(3, 3))]}])
@@ -47,18 +39,28 @@ def test_every_group_must_say_use_muon():
         MuonWithAdamW([nn.Parameter(torch.randn(3, 3))])
 
 
-def test_adamw_groups_match_torch_adamw_bit_for_bit():
+def adamw_pair():
     torch.manual_seed(0)
     ours = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))]
-    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, [nn.Parameter(p.detach().clone()) for p in ours]
+
+
+def test_adamw_groups_match_torch_adamw_bit_for_bit():
+    ours, theirs = adamw_pair()
     a = MuonWithAdamW([{"params": ours, "use_muon": False}], adamw_lr=1e-2, adamw_weight_decay=0.1, adamw_betas=(0.8, 0.9))
     b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-8, foreach=False)
-    for _ in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    step_side_by_side([a, b], [ours, theirs], 4)
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("spelling", ["plain", "adamw_"])
+def test_adamw_group_options_are_honoured_in_either_spelling(spelling):
+    ours, theirs = adamw_pair()
+    options = {"lr": 2e-2, "betas": (0.7, 0.8), "eps": 1e-3, "weight_decay": 0.05}
+    group = {(key if spelling == "plain" else f"adamw_{key}"): value for key, value in options.items()}
+    a = MuonWithAdamW([{"params": ours, "use_muon": False, **group}])  # the optimizer's adamw_* defaults differ
+    b = torch.optim.AdamW(theirs, foreach=False, **options)
+    step_side_by_side([a, b], [ours, theirs], 4, grad_scale=1e-2)  # comparable to eps, so eps matters
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
@@ -71,19 +73,6 @@ def test_group_overrides_and_adamw_defaults():
     muon_group, adamw_group = optimizer.param_groups
     assert (muon_group["lr"], muon_group["weight_decay"]) == (0.05, 0.1)
     assert (adamw_group["lr"], adamw_group["weight_decay"]) == (1e-3, 0.01)
-
-
-def train(model, optimizer, batches, loss_of, scheduler=None):
-    losses = []
-    for tokens in batches:
-        optimizer.zero_grad()
-        loss = loss_of(model, tokens)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_lambda_lr_scales_each_group_from_its_own_initial_lr(tiny_lm):
@@ -99,16 +88,16 @@ def test_lambda_lr_scales_each_group_from_its_own_initial_lr(tiny_lm):
 
 @pytest.mark.parametrize("options", [{}, {"update_rule": "normuon"}, {"update_rule": "dynmuon", "total_steps": 6},
                                      {"layer_aware_steps": True, "spectrum_every": 2}])
-def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches, loss_of, options):
+def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches, options):
     batches = token_batches(6)
     model = tiny_lm()
     optimizer = MuonWithAdamW.from_model(model, lr=0.02, adamw_lr=1e-2, weight_decay=0.01, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    train(model, optimizer, batches[:3], loss_of, scheduler)
+    train_steps(model, optimizer, batches[:3], scheduler)
 
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict(), "sched": scheduler.state_dict()}, saved)
-    train(model, optimizer, batches[3:], loss_of, scheduler)
+    train_steps(model, optimizer, batches[3:], scheduler)
 
     saved.seek(0)
     checkpoint = torch.load(saved)  # weights_only: the state holds tensors and plain numbers only
@@ -118,7 +107,7 @@ def test_state_dict_round_trip_continues_bit_identically(tiny_lm, token_batches,
     resumed_scheduler = torch.optim.lr_scheduler.LambdaLR(resumed_optimizer, lambda step: 1.0 / (1 + step))
     resumed_optimizer.load_state_dict(checkpoint["optim"])
     resumed_scheduler.load_state_dict(checkpoint["sched"])
-    train(resumed, resumed_optimizer, batches[3:], loss_of, resumed_scheduler)
+    train_steps(resumed, resumed_optimizer, batches[3:], resumed_scheduler)
 
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -166,49 +155,42 @@ def test_clip_grad_norm_before_step_is_what_the_step_sees(tiny_lm, token_batches
     {"update_rule": "normuon"},
     {"layer_aware_steps": True},
 ])
-def test_every_variant_trains_the_tiny_model(tiny_lm, token_batches, loss_of, options):
+def test_every_variant_trains_the_tiny_model(tiny_lm, token_batches, options):
     model = tiny_lm()
     (tokens,) = token_batches(1)
     options = {"lr": 0.05, "adamw_lr": 1e-2, **options}
     optimizer = MuonWithAdamW.from_model(model, **options)
-    losses = train(model, optimizer, [tokens] * 30, loss_of)
+    losses = train_steps(model, optimizer, [tokens] * 30)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches, loss_of):
+def test_layer_aware_steps_are_stored_per_matrix(tiny_lm, token_batches):
     model = tiny_lm(width=16)
     optimizer = MuonWithAdamW.from_model(model, layer_aware_steps=True, max_ns_steps=9)
-    train(model, optimizer, token_batches(1), loss_of)
+    train_steps(model, optimizer, token_batches(1))
     steps = [optimizer.state[p]["ns_steps"] for p in (model.up.weight, model.down.weight)]
     assert all(1 <= s <= 9 for s in steps)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_adamw_group_eps_is_honoured_and_matches_torch(foreach):
-    torch.manual_seed(0)
-    ours = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 4))]
-    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    ours, theirs = adamw_pair()
     a = MuonWithAdamW([{"params": ours, "use_muon": False, "eps": 1e-2, "lr": 1e-2}], adamw_foreach=foreach)
     b = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-2, foreach=foreach)
-    for _ in range(4):
-        for p, q in zip(ours, theirs):
-            g = torch.randn_like(p) * 1e-2  # comparable to eps, so eps matters
-            p.grad, q.grad = g.clone(), g.clone()
-        a.step()
-        b.step()
+    step_side_by_side([a, b], [ours, theirs], 4, grad_scale=1e-2)
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
 
 
-def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_lm, token_batches, loss_of):
+def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_lm, token_batches):
     batches = token_batches(6)
     model = tiny_lm().to(torch.bfloat16)
     options = {"lr": 0.02, "adamw_lr": 1e-2, "update_rule": "normuon"}
     optimizer = MuonWithAdamW.from_model(model, **options)
-    train(model, optimizer, batches[:3], loss_of)
+    train_steps(model, optimizer, batches[:3])
     saved = io.BytesIO()
     torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, saved)
-    train(model, optimizer, batches[3:], loss_of)
+    train_steps(model, optimizer, batches[3:])
 
     saved.seek(0)
     checkpoint = torch.load(saved)
@@ -218,6 +200,6 @@ def test_normuon_second_moment_stays_float32_across_load_with_bf16_params(tiny_l
     resumed_optimizer.load_state_dict(checkpoint["optim"])
     moments = [s["neuron_second_moment"] for s in resumed_optimizer.state.values() if "neuron_second_moment" in s]
     assert moments and all(m.dtype == torch.float32 for m in moments)
-    train(resumed, resumed_optimizer, batches[3:], loss_of)
+    train_steps(resumed, resumed_optimizer, batches[3:])
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
