@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.baselines import FA2_KVCACHE, FA3_KVCACHE, FLA_DECODE, find, sdpa_flash  # noqa: E402
-from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.environment import add_out_argument, describe, markdown_table, save, table_name, table_path  # noqa: E402
 from benchmarks.official import import_official  # noqa: E402
 from benchmarks.timing import WARMUP_CALLS, l2_flush, measure, measure_cuda_graph  # noqa: E402
 from parallax import parallax_attn_with_kvcache  # noqa: E402
@@ -353,8 +353,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="L = 512 and 4096, 30 replays")
-    parser.add_argument("--prefix", default="decode", help="the table: benchmarks/results/<prefix>_<device>.md")
-    parser.add_argument("--out", type=Path, default=None, help="the table elsewhere")
+    parser.add_argument("--prefix", default="decode", help="the table's name: <prefix>_<device>.md")
+    add_out_argument(parser, "<prefix>_<device>.md")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_decode measures GPU decode latency and needs a CUDA device; none was found.")
@@ -385,7 +385,7 @@ def main() -> None:
         "",
     ]
     header = ["B", "HQ:HK", "L", "capacity", "cache MB", "splits", *names]
-    path = args.out or results_path(args.prefix, device)
+    path = table_path(args.out, table_name(args.prefix, device))
     rows, verdicts = [], []
     for B, HQ, HK, L, capacity in cases(lengths):
         c = make_case(B, HQ, HK, L, capacity)

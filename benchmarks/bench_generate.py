@@ -23,7 +23,7 @@ and would make Parallax softmax). Before timing: each model's cached decode
 step against a full forward pass, zeroing the probe must move the Parallax
 logits ten times more than that, the Llama's logits against the softmax GPT's,
 and on CUDA graphed against eager greedy generation. Each cell is written to
-benchmarks/results/generate_<device>.md (or --out) as it finishes.
+out/bench/generate_<device>.md (or --out) as it finishes.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.environment import add_out_argument, describe, markdown_table, save, table_name, table_path  # noqa: E402
 from benchmarks.timing import WARMUP_CALLS, measure, measure_cuda_graph  # noqa: E402
 from parallax.models.config import preset  # noqa: E402
 from parallax.models.gpt import GPT  # noqa: E402
@@ -222,7 +222,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--max-prefill-tokens", type=int, default=None,
                         help="skip cells with B * prompt above this (default: 16384 on CPU, none on CUDA)")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/generate_<device>.md")
+    add_out_argument(parser, "generate_<device>.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -259,7 +259,7 @@ def main() -> None:
     ]
     header = ["B", "prompt", *[f"{name} {column}" for name in names for column in ("prefill s", "tok/s")],
               *(["parallax graph tok/s"] if graphed else []), "parallax / softmax", f"parallax / {HF}"]
-    path = args.out or results_path("generate", device)
+    path = table_path(args.out, table_name("generate", device))
     skipped, rows, table = [], [], []
     for T in args.prompts:
         # The cache capacity is block_size: fit it to the prompt, as a server would.

@@ -2,7 +2,7 @@
 
 Usage (from the repo root, or anywhere once parallax is installed):
     python -m benchmarks.bench_muon [--quick] [--device cpu|cuda] [--repeats N] [--threads N]
-Writes the markdown table to benchmarks/results/muon_<device>.md and prints it.
+Writes the markdown table muon_<device>.md to out/bench/ (or --out) and prints it.
 Timed by `benchmarks.timing.measure`. GPU: bf16 at the full shapes. CPU: float32; --quick
 quarters every orthogonalize shape and keeps 2 of the 12 GPT layers so the
 run ends in a minute or two on a small machine; on CPU it quarters the GPT
@@ -18,14 +18,13 @@ import os
 import platform
 import socket
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.environment import markdown_table
+from benchmarks.environment import add_out_argument, markdown_table, save, table_path
 from benchmarks.timing import WARMUP_CALLS, Timing, measure
 from parallax.optim import Muon, orthogonalize
 
@@ -174,7 +173,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (on a shared machine 1 avoids OpenMP stalls behind other processes)")
     parser.add_argument("--ddp", action="store_true", help="also time the data-parallel path (2 gloo ranks, CPU)")
-    parser.add_argument("--out", type=Path, default=None, help="markdown path (default benchmarks/results/muon_<device>.md)")
+    add_out_argument(parser, "muon_<device>.md")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -194,9 +193,7 @@ def main():
         device, args, orthogonalize_rows(device, dtype, scale, args.repeats), step_times(device, layers, matrix_scale, args.repeats),
         layers, matrix_scale, dtype, ddp_times(layers, matrix_scale, args.repeats) if args.ddp else None,
     )
-    out = args.out or Path(__file__).parent / "results" / f"muon_{device.type}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table)
+    save(table_path(args.out, f"muon_{device.type}.md"), table.splitlines())
     print(table)
 
 

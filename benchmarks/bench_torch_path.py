@@ -12,8 +12,8 @@ same Parallax formula (skipped where its score tensors would not fit
 against the naive implementation (or, where it does not fit, the forward of
 the last rows against `parallax_reference`). Peak memory is the resident-set
 high-water mark (Linux VmHWM, reset once the inputs exist) of one
-forward+backward in a fresh subprocess, above the inputs. Writes the markdown table to benchmarks/results/torch_path_cpu.md and
-prints it.
+forward+backward in a fresh subprocess, above the inputs. Writes the markdown
+table torch_path_cpu.md to out/bench/ (or --out) and prints it.
 """
 
 import argparse
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.environment import markdown_table
+from benchmarks.environment import add_out_argument, markdown_table, save, table_path
 from benchmarks.timing import WARMUP_CALLS, measure
 from parallax import parallax_attn, parallax_reference, softmax_attention
 
@@ -215,7 +215,7 @@ def main():
     parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--jvp", action="store_true",
                         help="also time the identity o = A(q) - dA(q)[r / scale] through SDPA's jvp (where naive fits)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "torch_path_cpu.md")
+    add_out_argument(parser, "torch_path_cpu.md")
     parser.add_argument("--peak-of", nargs=3, metavar=("IMPL", "B", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads is not None:
@@ -244,8 +244,7 @@ def main():
         rows.append((T, B, times, peaks))
         print(f"T={T}: " + ", ".join(f"{i} {f:.1f} / {fb:.1f} ms" for i, (f, fb) in times.items()), flush=True)
     table = markdown(rows, args, load_before, load())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    save(table_path(args.out, "torch_path_cpu.md"), table.splitlines())
     print(table)
 
 

@@ -31,7 +31,7 @@ first row at each shape takes minutes). TFLOP/s use the counts of
 docs/parallax-math.md: per (batch, head), causal, Parallax does 4 L^2 D
 forward + 8 L^2 D backward, softmax 2 L^2 D + 5 L^2 D; a window W scales the
 visible pairs from L^2 / 2 to L W - W^2 / 2. Prints markdown and writes it to
-benchmarks/results/train_kernels_<gpu-name>.md (`--tag`, `--out` to choose). About 3
+out/bench/train_kernels_<gpu-name>.md (`--tag`, `--out` to choose). About 3
 minutes on an H100 without the official kernels (`--quick`: T = 1k and 4k).
 
 `--device cpu` runs the same steps on tiny float16 shapes in the Triton
@@ -59,7 +59,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.baselines import FA3_FUNC, FLA_PARALLAX, find, sdpa_flash  # noqa: E402
-from benchmarks.environment import describe, markdown_table, results_path, save  # noqa: E402
+from benchmarks.environment import add_out_argument, describe, markdown_table, save, table_name, table_path  # noqa: E402
 from benchmarks.timing import l2_flush, measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -481,8 +481,8 @@ def main(argv=None):
                         help="baselines to compare against (default: all that load)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: tiny shapes in the Triton interpreter, a smoke run")
-    parser.add_argument("--tag", help="written to benchmarks/results/train_kernels_<tag>_<device>.md")
-    parser.add_argument("--out", help="markdown file (default benchmarks/results/train_kernels_<device>.md)")
+    parser.add_argument("--tag", help="the table's name: train_kernels_<tag>_<device>.md")
+    add_out_argument(parser, "train_kernels[_<tag>]_<device>.md")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_train_kernels needs a CUDA GPU (it times Triton kernels against FlashAttention); "
@@ -507,7 +507,7 @@ def main(argv=None):
             baselines.append(baseline)
     print("\n".join(sorted(notes)))
     prefix = "train_kernels" + (f"_{args.tag}" if args.tag else "")
-    path = Path(args.out) if args.out else results_path(prefix, torch.device(setup.device))
+    path = table_path(args.out, table_name(prefix, torch.device(setup.device)))
     rows = []
     for row in benchmark_rows(setup, baselines, notes):
         rows.append(row)

@@ -1,6 +1,12 @@
-"""What every benchmark table states about where it was measured, how it is laid out, and where it goes."""
+"""What every benchmark table states about where it was measured, how it is laid out, and where it goes.
+
+A table goes to out/bench/ (git-ignored) unless --out says otherwise; the
+committed tables in benchmarks/results/ change only with
+`--out benchmarks/results/` (benchmarks/gpu.sh passes it).
+"""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import os
@@ -10,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+OUT = "out/bench/"
 
 
 def device_name(device: torch.device) -> str:
@@ -49,10 +55,22 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
             *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
 
 
-def results_path(prefix: str, device: torch.device) -> Path:
-    """benchmarks/results/<prefix>_<device>.md, the device name made file-safe."""
+def table_name(prefix: str, device: torch.device) -> str:
+    """<prefix>_<device>.md, the device name made file-safe."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device) if device.type == "cuda" else "cpu").strip("-")
-    return RESULTS / f"{prefix}_{slug.lower()}.md"
+    return f"{prefix}_{slug.lower()}.md"
+
+
+def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", default=OUT, metavar="PATH",
+                        help=f"the table's file, or a directory (existing, or ending in /) to write {name} into "
+                             f"(default: {OUT}; --out benchmarks/results/ updates the committed table)")
+
+
+def table_path(out: str, name: str) -> Path:
+    """Where --out puts the table called `name`: out itself, or out/name when out is a directory."""
+    path = Path(out)
+    return path / name if out.endswith(("/", os.sep)) or path.is_dir() else path
 
 
 def save(path: Path, lines: list[str]) -> Path:

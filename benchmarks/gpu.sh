@@ -27,7 +27,7 @@
 # `parallax` like this package) stays packed: bench_train_kernels loads it
 # itself. .whl/ need not travel whole: a part uses the wheels that are there
 # (FA3's and the official decode kernel's together are about 80 MB).
-# Tables go to benchmarks/results/ (device,
+# Tables go to benchmarks/results/ (--out; device,
 # versions, date in each), logs to out/gpu-logs/; both are copied to $OUT when
 # it is set. Every step has a time limit so that a part stays under 10
 # minutes; a failing step does not stop the others, and the exit status is
@@ -51,6 +51,7 @@ done
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 LOGS=out/gpu-logs
+TABLES=(--out benchmarks/results/)  # the benchmarks' default is the git-ignored out/bench/
 mkdir -p "$LOGS" benchmarks/results
 touch "$WORK/start"
 export PYTHONUNBUFFERED=1
@@ -164,38 +165,38 @@ for part in "${PARTS[@]}"; do
     echo "=== part $part"
     if [ "$part" = 1 ]; then
         run_step gpu-tests 210 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors
-        run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda
+        run_step bench_decode 180 "$PYTHON" -m benchmarks.bench_decode "${TABLES[@]}"
+        run_step bench_generate 150 "$PYTHON" -m benchmarks.bench_generate --device cuda "${TABLES[@]}"
     elif [ "$part" = quick ]; then
         # Compiling dominates the tests on a fresh machine: spread them over processes.
         run_step gpu-tests 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 --continue-on-collection-errors
-        run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 FA3 fla
-        run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick
+        run_step bench_decode 140 "$PYTHON" -m benchmarks.bench_decode "${TABLES[@]}"
+        run_step bench_train_kernels 140 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 FA3 fla "${TABLES[@]}"
+        run_step bench_muon 50 "$PYTHON" -m benchmarks.bench_muon --device cuda --quick "${TABLES[@]}"
     elif [ "$part" = decode ]; then
         run_step gpu-tests-decode 60 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 4 \
             tests/kernels/test_decode.py tests/models/test_generation.py \
             tests/hf/test_gpu.py::test_native_model_generate_on_cuda_matches_gpt_generate \
             tests/benchmarks/test_tools.py
-        run_step bench_decode 110 "$PYTHON" -m benchmarks.bench_decode
-        run_step bench_generate 160 "$PYTHON" -m benchmarks.bench_generate --device cuda
+        run_step bench_decode 110 "$PYTHON" -m benchmarks.bench_decode "${TABLES[@]}"
+        run_step bench_generate 160 "$PYTHON" -m benchmarks.bench_generate --device cuda "${TABLES[@]}"
     elif [ "$part" = train ]; then
         run_step gpu-tests-train 200 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -n 8 \
             tests/kernels/test_triton_parallel.py
-        run_step bench_train_kernels 230 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla
+        run_step bench_train_kernels 230 "$PYTHON" -m benchmarks.bench_train_kernels --quick --baselines FA2 fla "${TABLES[@]}"
     elif [ "$part" = decode-official ]; then
         # Its own table: FA3's wheels and the official kernel's may not travel together. The rows are
         # saved as they finish: a run stopped by the limit keeps them.
         run_step bench_decode_official 300 env PYTHONPATH="${OFFICIAL_PATH:+$OFFICIAL_PATH:}$PYTHONPATH" \
-            "$PYTHON" -m benchmarks.bench_decode --prefix decode_official
+            "$PYTHON" -m benchmarks.bench_decode --prefix decode_official "${TABLES[@]}"
     elif [ "$part" = train-official ]; then
         run_step bench_train_official 420 "$PYTHON" -m benchmarks.bench_train_kernels --head-dims 128 \
-            --seq-lens 4096 --windows none --baselines official FA2 --tag official
+            --seq-lens 4096 --windows none --baselines official FA2 --tag official "${TABLES[@]}"
     else
-        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels --baselines FA2 FA3 fla
-        run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda
+        run_step bench_train_kernels 300 "$PYTHON" -m benchmarks.bench_train_kernels --baselines FA2 FA3 fla "${TABLES[@]}"
+        run_step bench_muon 90 "$PYTHON" -m benchmarks.bench_muon --device cuda "${TABLES[@]}"
         if [ -f benchmarks/bench_torch_path.py ]; then
-            run_step bench_torch_path 120 "$PYTHON" -m benchmarks.bench_torch_path
+            run_step bench_torch_path 120 "$PYTHON" -m benchmarks.bench_torch_path "${TABLES[@]}"
         fi
     fi
 done

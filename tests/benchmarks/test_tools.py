@@ -6,7 +6,7 @@ import torch
 
 from benchmarks import timing
 from benchmarks.baselines import find
-from benchmarks.environment import markdown_table
+from benchmarks.environment import OUT, markdown_table, save, table_path
 
 
 class FakeClock:
@@ -90,3 +90,15 @@ def test_measure_cuda_graph_warms_up_captures_without_running_and_times_each_rep
     assert before == [*range(timing.GRAPH_WARMUP_CALLS), timing.GRAPH_WARMUP_CALLS,
                       *range(timing.GRAPH_WARMUP_CALLS, counter.item())]
     assert len(t.runs) == 5 and all(ms > 0 for run in t.runs for ms in run)
+
+
+def test_out_names_a_file_or_a_directory_and_defaults_to_the_ignored_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "existing").mkdir()
+    assert table_path(OUT, "muon_cpu.md") == tmp_path.joinpath("out", "bench", "muon_cpu.md").relative_to(tmp_path)
+    assert table_path("new/", "muon_cpu.md") == tmp_path.joinpath("new", "muon_cpu.md").relative_to(tmp_path)
+    assert table_path("existing", "muon_cpu.md") == tmp_path.joinpath("existing", "muon_cpu.md").relative_to(tmp_path)
+    assert table_path("mine.md", "muon_cpu.md").name == "mine.md"
+    written = save(table_path(OUT, "t.md"), ["| a |", "|---|"])
+    assert written.read_text() == "| a |\n|---|\n"
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*.md")] == [written]  # nothing outside out/bench
