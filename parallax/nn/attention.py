@@ -91,6 +91,14 @@ class ParallaxAttention(nn.Module):
             nn.init.zeros_(self.r_proj.bias)
 
     def new_cache(self, batch_size: int, max_seqlen: int, *, dtype=None, device=None) -> KVCache:
+        """An empty KV cache for decoding `batch_size` sequences of up to `max_seqlen` positions each.
+
+        `cache.k` and `cache.v` are [batch_size, max_seqlen, num_kv_heads, head_dim], in the dtype and on
+        the device of the layer's weights unless given; `cache.seqlens` (int32 [batch_size], zeros here)
+        counts the positions each sequence holds. Every `layer(x, cache=cache)` with x [batch_size, T, dim]
+        appends x's T keys and values and advances `seqlens` by T (see `forward`); `cache.reset()` empties
+        it for the next batch of sequences.
+        """
         weight = self.k_proj.weight
         return KVCache(batch_size, max_seqlen, self.num_kv_heads, self.head_dim,
                        dtype=dtype or weight.dtype, device=device or weight.device)
@@ -101,7 +109,14 @@ class ParallaxAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
+        """x [B, T, dim] -> [B, T, dim].
+
+        cache: a `KVCache` from `new_cache(B, ...)`. x's T tokens continue each sequence b at position
+        `cache.seqlens[b]` (RoPE included): their keys and values are written there, every query attends
+        to all the positions the cache then holds (causally, within window_size), and `cache.seqlens`
+        advances by T. So a prompt and then one token per call give the outputs of a single call on the
+        whole sequence. cu_seqlens: packed sequences (batch 1), as `parallax_attn`'s; not with a cache.
+        rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
         layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`); None: the layer's RoPE at the
         positions of x (after the cache, or restarting per packed sequence)."""
         if x.ndim != 3:
@@ -109,6 +124,9 @@ class ParallaxAttention(nn.Module):
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cache and cu_seqlens cannot be used together")
         B, T, _ = x.shape
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} sequences but x has batch {B}; make the cache with "
+                             f"new_cache({B}, max_seqlen)")
         q = self._heads(self.q_proj, x, self.num_heads, self.q_norm)
         k = self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm)
         v = self._heads(self.v_proj, x, self.num_kv_heads, None)

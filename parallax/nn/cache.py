@@ -17,6 +17,10 @@ class KVCache:
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
 
     @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
     def max_seqlen(self) -> int:
         return self.k.shape[1]
 

@@ -104,6 +104,17 @@ def test_chunked_decoding_through_cache_equals_one_call(kind, qk_norm, window):
         assert cache.seqlens.tolist() == [19, 19]
 
 
+@pytest.mark.parametrize("cache_batch,x_batch", [(2, 3), (3, 1), (1, 2)])
+def test_a_cache_of_another_batch_is_refused_naming_the_cache(cache_batch, x_batch):
+    layer = make_layer()
+    cache = layer.new_cache(cache_batch, 8)
+    before = cache.k.clone()
+    with pytest.raises(ValueError, match=rf"cache holds {cache_batch} sequences but x has batch {x_batch}; make the "
+                                         rf"cache with new_cache\({x_batch}, max_seqlen\)"):
+        layer(torch.randn(x_batch, 3, DIM, dtype=torch.float64), cache=cache)
+    assert cache.seqlens.tolist() == [0] * cache_batch and torch.equal(cache.k, before)
+
+
 def test_packed_sequences_equal_separate_calls():
     layer = make_layer()
     a, b = torch.randn(1, 5, DIM, dtype=torch.float64), torch.randn(1, 8, DIM, dtype=torch.float64)
