@@ -1,6 +1,7 @@
 """Test-wide setup: kernels run in the Triton interpreter on CPU, `torch.empty`
 returns NaN so reading uninitialised memory fails loudly, and `gpu` tests are
-skipped where there is no CUDA device."""
+skipped where there is no CUDA device (a selection of only those, such as
+`pytest -m gpu`, says so in one line and exits non-zero: nothing was tested)."""
 import os
 
 import pytest
@@ -35,6 +36,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+NO_CUDA = "the gpu tests need a CUDA device and this machine has none"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -42,3 +46,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _only_gpu_tests(session) -> bool:
+    items = getattr(session, "items", [])
+    return not torch.cuda.is_available() and bool(items) and all("gpu" in item.keywords for item in items)
+
+
+def pytest_collection_finish(session):
+    if _only_gpu_tests(session):
+        session.config.get_terminal_writer().line(f"{NO_CUDA}: all {len(session.items)} selected tests are skipped")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _only_gpu_tests(session) and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.NO_TESTS_COLLECTED  # pytest's status for "nothing ran"
