@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     from .train.loop import NonFiniteLossError, TrainingInterrupted, train
 
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv).resolved()  # --out named, so the export can be checked against it
         if cfg.export_hf is not None:
             _check_export_dir(cfg)
         train(cfg)

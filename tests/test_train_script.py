@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parallax.cli import main
-from parallax.train.config import TrainConfig, build_parser, flag_name, parse_config
+from parallax.train.config import TrainConfig, build_parser, flag_name, help_text, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress"]
@@ -168,7 +170,20 @@ def test_every_field_is_one_flag_with_its_default_and_help():
     for field in fields:
         action = actions[field.name]
         assert action.option_strings[0] == flag_name(field.name) and action.default == field.default
-        assert action.help and action.help == field.metadata["help"]
+        assert field.metadata["help"] and action.help == help_text(field)
+        # Each help states the default once: the parser appends it, or the help says what None means.
+        assert action.help.count("default") == 1, action.help
+        # --no-x only where x is on by default
+        assert any(o.startswith("--no-") for o in action.option_strings) == (field.default is True)
+
+
+def test_help_prints_each_default_once_and_the_documented_devices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps" in text  # docs/training.md's list
     assert parse_config([]) == TrainConfig()
     assert parse_config(["--backend", "torch", "--no-deterministic", "--adamw-lr", "0.01", "--seq-len", "7"]) == \
         TrainConfig(backend="torch", deterministic=False, embed_lr=0.01, seq_len=7)
@@ -224,3 +239,36 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(tmp_path, 
     assert main([*TINY, "--out", str(out), "--overwrite", "--data", str(tmp_path / "missing.txt")]) == 2
     assert main([*TINY, "--out", str(out), "--overwrite", "--data", empty_dir(tmp_path)]) == 2
     assert (out / "checkpoint.pt").read_bytes() == b"the previous run"
+
+
+LAYOUT = st.lists(st.sampled_from(["missing", "empty", "run", "file"]), max_size=5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=LAYOUT, resume=st.booleans(), overwrite=st.booleans(), matched=st.booleans())
+def test_default_out_takes_the_first_free_name_and_resume_the_newest_run(tmp_path_factory, layout, resume, overwrite,
+                                                                          matched):
+    """Whatever runs/ holds: a fresh run never lands on a name that holds something, runs of the same
+    preset number upwards, and --resume / --overwrite take the last name taken before the first free one."""
+    root = tmp_path_factory.mktemp("cwd")
+    base = "small-softmax-matched" if matched else "small-softmax"
+    names = [base if n == 1 else f"{base}-{n}" for n in range(1, len(layout) + 2)]
+    for name, state in zip(names, layout):
+        path = root / "runs" / name
+        if state == "file":
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("x")
+        elif state != "missing":
+            path.mkdir(parents=True)
+            if state == "run":
+                (path / "log.jsonl").write_text("")
+    free = next(i for i, state in enumerate(layout + ["missing"]) if state in ("missing", "empty"))
+    expected = names[free - 1] if (resume or overwrite) and free > 0 else names[free]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = TrainConfig(attention="softmax", parameter_matched=matched, resume=resume, overwrite=overwrite)
+        assert cfg.resolved().out == os.path.join("runs", expected)
+        assert TrainConfig(out="mine", resume=resume).resolved().out == "mine"  # an explicit --out is kept
+    finally:
+        os.chdir(cwd)

@@ -2,16 +2,19 @@
 
 A field is declared with `flag(default, group, help, *checks)`: the dataclass
 field, its validation (`TrainConfig.validate`) and its command-line flag
-(`build_parser`: --field-name, typed by the annotation; a bool gets --x and
---no-x) all come from that one declaration. A check takes the value and the
-whole config and returns what is wrong, or None; a None value of an optional
-field is not checked. A check that relates two fields sits on the later one.
+(`build_parser`: --field-name, typed by the annotation; a bool that defaults
+to on also gets --no-x) all come from that one declaration. The help of a
+field whose default is None says what None means; any other default is
+appended to the help by the parser. A check takes the value and the whole
+config and returns what is wrong, or None; a None value of an optional field
+is not checked. A check that relates two fields sits on the later one.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib.util
+import itertools
 import math
 import re
 import typing
@@ -37,6 +40,7 @@ PRESET_DEFAULTS = {
     "125m": {"seq_len": 1024},
 }
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+RUNS = Path("runs")  # where runs go without --out
 MAX_SEED = 2**63 - 1
 
 Check = Callable[[object, "TrainConfig"], "str | None"]
@@ -150,13 +154,13 @@ class TrainConfig:
                                    "count", matches_attention)
     data: str | None = flag(None, "data", "text file, directory of text files, or directory of uint16 train/val .bin "
                             "shards (default: the Python standard library's sources, no download)", exists)
-    cache_dir: str | None = flag(None, "data", "where text corpora are cached (default $PARALLAX_CACHE or "
+    cache_dir: str | None = flag(None, "data", "where text corpora are cached (default: $PARALLAX_CACHE or "
                                  "~/.cache/parallax)")
     vocab_size: int | None = flag(None, "data", ".bin shards: vocabulary size (default: max token + 1, rounded up "
                                   "to 64)", count(1), at_most(65536, "65536 (uint16 tokens)"))
     optimizer: str = flag("muon", "optimisation", f"{' or '.join(OPTIMIZERS)} (Muon: hidden matrices; AdamW: "
                           "embeddings, lm_head, gains)", one_of(OPTIMIZERS, "optimizer"))
-    lr: float | None = flag(None, "optimisation", "lr of hidden matrices (default 0.03 Muon, 3e-3 AdamW)",
+    lr: float | None = flag(None, "optimisation", "lr of hidden matrices (default: 0.03 Muon, 3e-3 AdamW)",
                             number(0, low_open=True))
     embed_lr: float = flag(3e-3, "optimisation", "AdamW lr of embeddings, lm_head and gains",
                            number(0, low_open=True), aliases=("--adamw-lr",))
@@ -175,14 +179,14 @@ class TrainConfig:
     grad_accum: int = flag(1, "run", "micro-batches per step", count(1))
     steps: int = flag(600, "run", "optimizer steps of the schedule", count(0))
     stop_after: int | None = flag(None, "run", "stop at this step of the schedule, checkpoint and exit (continue with "
-                                  "--resume)", count(0))
+                                  "--resume; default: run all --steps)", count(0))
     eval_every: int = flag(150, "run", "steps between val evaluations", count(1))
     eval_batches: int = flag(16, "run", "val batches per evaluation", count(1))
-    ckpt_every: int | None = flag(None, "run", "steps between checkpoints (default: eval-every)", count(1))
+    ckpt_every: int | None = flag(None, "run", "steps between checkpoints (default: --eval-every)", count(1))
     log_every: int = flag(25, "run", "steps between progress lines off a terminal", count(1))
     sample_tokens: int = flag(300, "run", "tokens of the final text sample", count(0))
     progress: bool = flag(True, "run", "show the progress bar")
-    device: str = flag("auto", "system", "auto, cpu, cuda, cuda:N", is_device)
+    device: str = flag("auto", "system", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps", is_device)
     threads: int | None = flag(None, "system", "torch CPU threads (default: torch's choice)", count(1))
     dtype: str = flag("auto", "system", f"{', '.join(DTYPES)} (auto: bf16 autocast on GPU, fp32 on CPU)",
                       one_of(DTYPES, "dtype"))
@@ -194,12 +198,14 @@ class TrainConfig:
     fsdp: bool = flag(False, "system", "under torchrun, shard the model with FSDP2 instead of replicating it (DDP)")
     seed: int = flag(0, "system", "seed of the data order, the init and the sample", count(0),
                      at_most(MAX_SEED, "2**63 - 1"))
-    out: str = flag("runs/default", "system", "output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt",
-                    is_path)
+    out: str | None = flag(None, "system", "output directory: log.jsonl, loss.png, sample.txt, checkpoint.pt "
+                           "(default: runs/MODEL-ATTENTION, e.g. runs/small-parallax, numbered -2, -3, ... past names "
+                           "that hold a run; --resume and --overwrite take the newest)", is_path)
     resume: bool = flag(False, "system", "continue the run in --out from its checkpoint")
     overwrite: bool = flag(False, "system", "replace the outputs of a previous run in --out", not_with_resume)
     export_hf: str | None = flag(None, "system", "after training, write the final checkpoint as a transformers model "
-                                 "into this new or empty directory (AutoModelForCausalLM; see docs/hf.md)",
+                                 "into this new or empty directory (AutoModelForCausalLM; see docs/hf.md; default: "
+                                 "no export)",
                                  is_path, transformers_installed, metavar="DIR")
 
     def replace(self, **changes) -> "TrainConfig":
@@ -215,9 +221,10 @@ class TrainConfig:
         return 0.03 if self.optimizer == "muon" else 3e-3
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the preset's defaults filled in where a field is None."""
+        """A copy with the preset's defaults filled in where a field is None, and --out (see `default_out`)."""
         defaults = PRESET_DEFAULTS.get(self.model.lower(), {}) if isinstance(self.model, str) else {}
-        return self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        cfg = self.replace(**{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        return cfg if cfg.out is not None else cfg.replace(out=default_out(cfg))
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the flag of the first bad setting (in declaration order)."""
@@ -234,6 +241,24 @@ class TrainConfig:
 
 
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def default_out(cfg: TrainConfig) -> str:
+    """runs/MODEL-ATTENTION[-matched], then -2, -3, ...: a fresh run takes the
+    first of these names that is free (missing or an empty directory), so runs
+    of the same preset never collide; --resume and --overwrite take the one
+    before it, the newest run. Every rank of a torchrun job computes the same
+    name: no rank writes to --out before all have joined the process group."""
+    base = f"{str(cfg.model).lower()}-{cfg.attention}{'-matched' if cfg.parameter_matched else ''}"
+    newest = None
+    for path in (RUNS / (base if n == 1 else f"{base}-{n}") for n in itertools.count(1)):
+        if not _holds_files(path):
+            return str(path if newest is None or not (cfg.resume or cfg.overwrite) else newest)
+        newest = path
+
+
+def _holds_files(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
 def flag_name(field_name: str) -> str:
@@ -255,8 +280,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """train.py's argparse parser, one flag per TrainConfig field."""
-    parser = _Parser(prog=PROG, description="Train a small GPT (Parallax or softmax attention) with Muon.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=PROG, description="Train a small GPT (Parallax or softmax attention) with Muon. "
+                     "See docs/training.md.")
     groups = {}
     for field in dataclasses.fields(TrainConfig):
         meta = field.metadata
@@ -264,14 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
         hint = FIELD_TYPES[field.name]
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # int | None -> int
-        options = dict(dest=field.name, default=field.default, help=meta["help"], metavar=meta["metavar"])
+        options = dict(dest=field.name, default=field.default, metavar=meta["metavar"])
         if kind is bool:
-            options.update(action=argparse.BooleanOptionalAction)
+            options.update(action=argparse.BooleanOptionalAction if field.default else "store_true")
             del options["metavar"]
         elif kind is not str:
             options.update(type=kind)
-        groups[meta["group"]].add_argument(flag_name(field.name), *meta["aliases"], **options)
+        action = groups[meta["group"]].add_argument(flag_name(field.name), *meta["aliases"], **options)
+        action.help = help_text(field)  # set afterwards: BooleanOptionalAction would append its own default
     return parser
+
+
+def help_text(field: dataclasses.Field) -> str:
+    """A flag's help: its declared help, and its default unless that is None (the help then says what None means)."""
+    text = field.metadata["help"]
+    if field.default is not None:
+        shown = ("on" if field.default else "off") if isinstance(field.default, bool) else field.default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def parse_config(argv=None) -> TrainConfig:

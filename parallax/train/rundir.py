@@ -61,7 +61,8 @@ class RunDir:
             run.previous = [name for name in RUN_FILES if run[name].exists()]
             if run.previous and not (resume or overwrite):
                 raise ConfigError("--out", f"{run.path} holds a previous run ({', '.join(run.previous)}); "
-                                           "pass --resume to continue it or --overwrite to replace it")
+                                           "continue it with --resume, replace it with --overwrite, or train into "
+                                           "a new directory with --out NEW_DIR")
         except BaseException:
             run.release()
             raise

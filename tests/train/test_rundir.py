@@ -33,8 +33,8 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
 def test_a_fresh_run_refuses_a_directory_holding_a_previous_run(tmp_path, name):
     (tmp_path / name).write_text("previous")
     (tmp_path / "notes.txt").write_text("not ours")
-    with pytest.raises(ConfigError, match=rf"holds a previous run \({name}\); pass --resume to continue it or "
-                                          r"--overwrite to replace it"):
+    with pytest.raises(ConfigError, match=rf"holds a previous run \({name}\); continue it with --resume, replace it "
+                                          r"with --overwrite, or train into a new directory with --out NEW_DIR"):
         RunDir.claim(tmp_path, resume=False, overwrite=False)
     assert not (tmp_path / LOCK_NAME).exists()  # the refusal released the lock
     RunDir.claim(tmp_path, resume=True, overwrite=False).release()
