@@ -131,6 +131,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+GPU_PRESETS = ("20m", "125m")  # hours per run on a CPU
+
+
 def preset(name: str, **overrides) -> GPTConfig:
     """The named preset (a key of PRESETS), with field overrides."""
     key = name.lower()

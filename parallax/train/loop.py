@@ -3,8 +3,10 @@
 A run, in order: claim --out (a lock, and no previous run overwritten by
 accident), load the data, build the model, wrap it (`wrap_model`: the one
 place for DDP and torch.compile), build the optimizer and schedule, restore
-the checkpoint (`--resume`), train with periodic evaluations and checkpoints
-(`Run.fit`), then write the outputs (`Run.finish`: plot, sample, summary).
+the checkpoint (`--resume`; a run that already finished stops there), say
+what the run will cost (`estimate`), train with periodic evaluations and
+checkpoints (`Run.fit`), then write the outputs (`Run.finish`: plot, sample,
+summary). Evaluations and the sample show progress bars as training does.
 What a checkpoint holds is `Run.state_dict` / `Run.load_state_dict`.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..models import GPT, preset
-from ..models.config import architecture
+from ..models.config import GPU_PRESETS, architecture
 from .atomic import atomic_write
 from .checkpoint import (
     CHECKPOINT_NAME, PREVIOUS_NAME, CheckpointError, latest_checkpoint, load_latest_checkpoint, rng_state,
@@ -31,6 +33,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, check_token_ids, eval_windows, load_dataset, unigram_bits
+from .estimate import describe_bytes, describe_seconds, estimate, free_memory
 from .fsdp import full_model_state, full_optimizer_state, load_model_state, shard_model, unsharded_copy, whole
 from .interrupt import StopRequest, stop_on_signals
 from .plot import plot_losses
@@ -183,12 +186,14 @@ def _seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: Dataset, windows: list[tuple[int, int]], seq_len: int, batch_size: int,
-             device: torch.device, autocast, rank: int = 0, world: int = 1) -> float:
-    """Mean val cross-entropy (nats / token) over fixed windows, shared among ranks."""
+             device: torch.device, autocast, rank: int = 0, world: int = 1, progress=None) -> float:
+    """Mean val cross-entropy (nats / token) over fixed windows, shared among ranks.
+    progress(batches done, batches), if given, is called after each batch."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     mine = windows[rank::world]
+    batches = -(-len(mine) // batch_size)
     try:
         for i in range(0, len(mine), batch_size):
             rows = np.stack([ds.val.read(s, o, seq_len + 1) for s, o in mine[i:i + batch_size]])
@@ -198,11 +203,17 @@ def evaluate(model: torch.nn.Module, ds: Dataset, windows: list[tuple[int, int]]
                 _, loss = model(batch[:, :-1], batch[:, 1:])
             n = batch[:, 1:].numel()
             total += torch.tensor([loss.double().item() * n, n], dtype=torch.float64, device=device)
+            if progress is not None:
+                progress(i // batch_size + 1, batches)
     finally:
         model.train(was_training)
     if world > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1])
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def format_summary(summary: dict) -> str:
@@ -238,6 +249,12 @@ def train(cfg: TrainConfig, *, loss_hook=None, eval_hook=None, stdout=None) -> d
         run = Run(cfg, rank, world, device, run_dir, stdout or sys.stdout, loss_hook, eval_hook)
         stack.callback(run.log.close)
         run.restore()
+        finished = run.finished_summary()
+        if finished is not None:
+            run.say(f"{run_dir.path} already finished step {run.step} of --steps {cfg.steps}: nothing to do (a larger "
+                    "--steps continues it)")
+            run.say(format_summary(finished))
+            return finished
         run.fit(stop)
         return run.finish(stop)
 
@@ -252,6 +269,7 @@ class Run:
         self.out, self.loss_hook, self.eval_hook = out, loss_hook, eval_hook
         self.log = RunLog(run_dir[LOG_NAME])
         self.t_start = time.perf_counter()
+        self.say(f"out: {run_dir.path}")
 
         _seed_everything(cfg.seed)
         self.ds = load_dataset(cfg.data, cache_dir=cfg.cache_dir, vocab_size=cfg.vocab_size)
@@ -330,8 +348,9 @@ class Run:
 
     def restore(self) -> None:
         """With --resume: load the newest readable checkpoint and cut the log back
-        to it. With --overwrite: delete the previous run's files, now that this
-        run's data and model are known to be usable."""
+        to it (unless the run already finished, see `finished_summary`). With
+        --overwrite: delete the previous run's files, now that this run's data
+        and model are known to be usable."""
         if self.cfg.overwrite and self.main:
             self.dir.discard_previous()
         if not self.cfg.resume:
@@ -350,10 +369,23 @@ class Run:
                 self.load_state_dict(state)
             except (KeyError, ValueError, RuntimeError) as e:
                 raise ConfigError("--resume", f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
+        if self.finished_summary() is not None:
+            return  # train() says so; the run's files stay as they are
         if self.main:
             self.log.rollback(self.step)
         if state is not None:
             self.say(f"resumed from {path} at step {self.step}")
+
+    def finished_summary(self) -> dict | None:
+        """With --resume: the summary of a run that already ran all --steps and wrote its outputs; else None."""
+        if not self.cfg.resume or self.step < self.cfg.steps:
+            return None
+        try:
+            summary = json.loads(self.dir[SUMMARY_NAME].read_text())
+        except (OSError, ValueError):  # killed before the summary: the end of the run is redone
+            return None
+        done = isinstance(summary, dict) and summary.get("status") == "done" and summary.get("step") == self.step
+        return summary if done else None
 
     def _check_resumable(self, state: dict, path) -> None:
         saved, mine = architecture(state["model_config"]), architecture(self.raw_model.config.to_dict())
@@ -374,6 +406,7 @@ class Run:
         stop_at = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
         ckpt_every = cfg.ckpt_every or cfg.eval_every
         self._describe()
+        self._estimate(stop_at)
         bar = ProgressBar(stop_at, start=self.step, every=cfg.log_every, enabled=self.main and cfg.progress)
         self.model.train()
         try:
@@ -399,6 +432,34 @@ class Run:
                  f"{self.params:,} parameters; optimizer {cfg.optimizer}")
         self.say(f"run: {cfg.steps} steps x {self.tokens_per_step:,} tokens (batch {cfg.batch_size} x seq {cfg.seq_len} "
                  f"x accum {cfg.grad_accum} x {self.world}); unigram baseline {self.unigram:.4f} bits/token")
+
+    def _estimate(self, stop_at: int) -> None:
+        """Say how long the steps to `stop_at` (with their evaluations and sample) will take and how much
+        memory they need; warn when that looks like the wrong device or does not fit."""
+        cfg, device = self.cfg, self.device
+        if not self.main:
+            return
+        evals = len({s for s in range(self.step + 1, stop_at + 1) if s % cfg.eval_every == 0} | {stop_at})
+        sample = cfg.sample_tokens if stop_at >= cfg.steps else 0
+        guess = estimate(
+            self.raw_model, optimizer=cfg.optimizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+            grad_accum=cfg.grad_accum, steps=stop_at - self.step, evals=evals,
+            eval_tokens=len(self.windows) * cfg.seq_len // self.world, sample_tokens=sample, device=device,
+            dtype=torch.float32 if self.autocast is contextlib.nullcontext else torch.bfloat16,
+            torch_path=cfg.attention == "parallax" and (cfg.backend == "torch" or device.type != "cuda"))
+        self.say(f"estimate: {stop_at - self.step} steps in about {describe_seconds(guess.train_s)}, "
+                 f"{evals} evaluation{'s' if evals > 1 else ''}{' and the sample' if sample else ''} in about "
+                 f"{describe_seconds(guess.eval_s)}; peak memory about {describe_bytes(guess.memory_bytes)} "
+                 f"({device} matmuls at {guess.rate / 1e9:.3g} GFLOP/s just now)")
+        if cfg.model.lower() in GPU_PRESETS and device.type == "cpu":
+            _warn(f"{cfg.model} is a GPU preset: on this CPU it needs about {describe_seconds(guess.seconds)} and "
+                  f"{describe_bytes(guess.memory_bytes)}; --model small trains in minutes on a CPU "
+                  "(Ctrl-C stops with a checkpoint, --resume continues)")
+        free = free_memory(device)
+        if free is not None and guess.memory_bytes > free:
+            _warn(f"the run needs about {describe_bytes(guess.memory_bytes)} but {device} has "
+                  f"{describe_bytes(free)} free; "
+                  "a smaller --batch-size with a larger --grad-accum trains the same tokens per step in less memory")
 
     def _train_step(self, stop: StopRequest) -> bool:
         """One optimizer step; True when every rank should stop after it."""
@@ -451,8 +512,11 @@ class Run:
     def _evaluate(self, bar: ProgressBar | None = None) -> float:
         cfg = self.cfg
         # FSDP: every rank evaluates every window, so all run the same sharded forwards.
+        rank, world = (0, 1) if cfg.fsdp else (self.rank, self.world)
+        progress = self._progress_bar("eval", -(-len(self.windows[rank::world]) // cfg.batch_size))
         val = evaluate(self.model, self.ds, self.windows, cfg.seq_len, cfg.batch_size, self.device, self.autocast,
-                       *((0, 1) if cfg.fsdp else (self.rank, self.world)))
+                       rank, world, progress=lambda done, _: progress.update(done))
+        progress.clear()
         self.val = (self.step, val)
         if self.main:
             self.log.append({"kind": "val", "step": self.step, "val_loss": val, "val_bpb": val * self.bits_per_nat,
@@ -466,6 +530,10 @@ class Run:
             else:
                 self.say(line)
         return val
+
+    def _progress_bar(self, label: str, total: int) -> ProgressBar:
+        """A bar for a phase between training steps (evaluation, the sample): a few lines off a terminal."""
+        return ProgressBar(total, every=max(1, total // 4), enabled=self.main and self.cfg.progress, label=label)
 
     # ------------------------------------------------------------ outputs
 
@@ -498,7 +566,17 @@ class Run:
         prompt_len = min(32, self.raw_model.config.block_size // 2, len(ds.val))
         prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(self.device)[None]
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        tokens = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
+        progress = self._progress_bar("sample", cfg.sample_tokens)
+        # Each new token passes lm_head once (a CUDA graph's replays do not run hooks: the bar then jumps).
+        produced = model.lm_head.register_forward_hook(
+            lambda *_: progress.update(min(progress.step + 1, progress.total)))
+        try:
+            tokens = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=None, generator=gen)
+        finally:
+            produced.remove()
+        if progress.step < progress.total:
+            progress.update(progress.total)
+        progress.clear()
         text = ds.decode(tokens[0].tolist())
         with atomic_write(self.dir[SAMPLE_NAME]) as f:
             f.write(text.encode())

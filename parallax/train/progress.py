@@ -14,8 +14,10 @@ def _hms(seconds: float) -> str:
 
 
 class ProgressBar:
-    def __init__(self, total: int, *, start: int = 0, every: int = 10, stream=None, enabled: bool = True, width: int = 24):
+    def __init__(self, total: int, *, start: int = 0, every: int = 10, stream=None, enabled: bool = True,
+                 width: int = 24, label: str | None = None):
         self.total, self.step, self.every, self.width = total, start, max(1, every), width
+        self.prefix = "" if label is None else label + " "
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -36,7 +38,7 @@ class ProgressBar:
         bar = "#" * fill + "-" * (self.width - fill)
         parts = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         eta_s = _hms(eta) if eta == eta else "--:--"
-        line = f"[{bar}] {step}/{self.total} {parts} wall={_hms(elapsed)} eta={eta_s}"
+        line = f"{self.prefix}[{bar}] {step}/{self.total} {parts}{' ' if parts else ''}wall={_hms(elapsed)} eta={eta_s}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
             self._drawn = True

@@ -26,8 +26,8 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def tiny(corpus, out, **overrides) -> TrainConfig:
-    base = dict(model="tiny", data=str(corpus), out=str(out), batch_size=8, seq_len=64, steps=20, warmup=5,
-                eval_every=10, eval_batches=2, sample_tokens=0, progress=False, seed=0)
+    base = dict(model="tiny", data=str(corpus), out=None if out is None else str(out), batch_size=8, seq_len=64,
+                steps=20, warmup=5, eval_every=10, eval_batches=2, sample_tokens=0, progress=False, seed=0)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -94,3 +94,42 @@ def test_config_validation_names_the_flag():
         TrainConfig(steps=-1).validate()
     assert TrainConfig().validate().matrix_lr == 0.03
     assert TrainConfig(optimizer="adamw").matrix_lr == 3e-3
+
+
+def test_resume_of_a_finished_run_says_so_and_writes_nothing(corpus, tmp_path):
+    done = train(tiny(corpus, tmp_path, steps=6, sample_tokens=5), stdout=io.StringIO())
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    out = io.StringIO()
+    again = train(tiny(corpus, tmp_path, steps=6, sample_tokens=5, resume=True), stdout=out)
+    assert again == json.loads((tmp_path / "summary.json").read_text()) and again["val_loss"] == done["val_loss"]
+    lines = out.getvalue().strip().splitlines()
+    assert f"{tmp_path} already finished step 6 of --steps 6: nothing to do" in lines[-2]
+    assert dict(kv.split("=", 1) for kv in lines[-1].split())["val_loss"] == f"{done['val_loss']:.4f}"
+    assert "step 6: val_loss" not in out.getvalue() and "sample" not in out.getvalue()
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
+    longer = train(tiny(corpus, tmp_path, steps=8, sample_tokens=5, resume=True), stdout=io.StringIO())
+    assert longer["status"] == "done" and longer["step"] == 8  # a larger --steps continues it
+
+
+def test_runs_without_out_get_their_own_directories(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = (io.StringIO(), io.StringIO())
+    train(tiny(corpus, None, steps=2), stdout=first)
+    train(tiny(corpus, None, steps=2), stdout=second)
+    assert first.getvalue().startswith("out: runs/tiny-parallax\n")
+    assert second.getvalue().startswith("out: runs/tiny-parallax-2\n")
+    softmax = train(tiny(corpus, None, steps=2, attention="softmax"), stdout=io.StringIO())
+    assert softmax["out"] == "runs/tiny-softmax"
+    resumed = train(tiny(corpus, None, steps=3, resume=True), stdout=io.StringIO())
+    assert resumed["out"] == "runs/tiny-parallax-2" and resumed["step"] == 3  # the newest run
+    assert (tmp_path / "runs" / "tiny-parallax" / "summary.json").exists()
+
+
+def test_evaluation_and_the_sample_show_progress(corpus, tmp_path, capsys):
+    train(tiny(corpus, tmp_path, steps=2, eval_every=2, eval_batches=4, batch_size=2, sample_tokens=8,
+               progress=True), stdout=io.StringIO())
+    err = capsys.readouterr().err.splitlines()  # not a terminal: a few lines per phase
+    assert [line.split("]")[1].split()[0] for line in err if line.startswith("eval [")] == ["1/4", "2/4", "3/4", "4/4"]
+    assert [line.split("]")[1].split()[0] for line in err if line.startswith("sample [")] == ["2/8", "4/8", "6/8",
+                                                                                            "8/8"]
+    assert any(line.startswith("[") and "2/2" in line for line in err)  # the training bar
