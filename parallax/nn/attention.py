@@ -100,10 +100,12 @@ class ParallaxAttention(nn.Module):
         return y if norm is None else norm(y)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
-        layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`); None: the layer's RoPE at the
-        positions of x (after the cache, or restarting per packed sequence)."""
+                positions: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """positions: integer [B, T] or [T], the positions of x's tokens for the layer's RoPE; None: after
+        the cache's tokens (not counting its left padding), restarting per packed sequence, or 0 .. T - 1.
+        rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
+        layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`)."""
         if x.ndim != 3:
             raise ValueError(f"x must have 3 dims [batch, seq, dim], got shape {tuple(x.shape)}")
         if cache is not None and cu_seqlens is not None:
@@ -116,12 +118,15 @@ class ParallaxAttention(nn.Module):
 
         if rope is not None:
             cos, sin = rope
-        elif cache is not None:
-            cos, sin = self.rope(cache.seqlens.long()[:, None] + torch.arange(T, device=x.device))
-        elif cu_seqlens is not None:
-            cos, sin = self.rope(packed_positions(cu_seqlens, T))
         else:
-            cos, sin = self.rope(torch.arange(T, device=x.device))
+            if positions is None:
+                positions = torch.arange(T, device=x.device)
+                if cache is not None:
+                    first = cache.seqlens if cache.leftpad is None else cache.seqlens - cache.leftpad
+                    positions = first.long()[:, None] + positions
+                elif cu_seqlens is not None:
+                    positions = packed_positions(cu_seqlens, T)
+            cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if r is not None:
             r = apply_rope(r, cos, sin)
@@ -131,7 +136,8 @@ class ParallaxAttention(nn.Module):
             # Softmax decode is Parallax decode with a zero probe (w = p); the
             # extra FLOPs are free in the bandwidth-bound decode.
             probe = torch.zeros_like(q) if r is None else r
-            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens, **common)
+            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens,
+                                           cache_leftpad=cache.leftpad, **common)
             cache.seqlens += T
         elif r is None:
             o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, deterministic=self.deterministic, **common)

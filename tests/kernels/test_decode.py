@@ -494,6 +494,27 @@ def test_gpu_long_caches(dtype, D, HQ, HK, Tq, window_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Tq,num_splits", [(1, None), (5, None), (1, 6)])
+def test_gpu_leftpad_long_caches(dtype, Tq, num_splits):
+    """cache_leftpad on the GPU in bf16 / fp16 (the interpreter's bf16 dot is wrong), long caches, many splits."""
+    lengths, pads = [1500, 1500, 40, 2000], [0, 700, 40 + Tq - 1, 1999]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), 2048, 8, 2, 128, Tq, dtype)
+    _, _, k_new, v_new = make_inputs(len(lengths), Tq, 8, 2, 128, Tq, dtype, seed=1)
+    for b, (L, pad) in enumerate(zip(lengths, pads)):
+        k_cache[b, :min(pad, L)] = float("nan")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    kwargs = dict(k=k_new, v=v_new, scale=128**-0.5, window_size=None, cache_leftpad=leftpad)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = triton_decode(q, r, kc, vc, seqlens, None, num_splits=num_splits, **kwargs)
+    baseline = parallax_attn_with_kvcache(q, r, k_cache.clone(), v_cache.clone(), cache_seqlens=seqlens,
+                                          backend="torch", **kwargs)
+    grown = [L + Tq for L in lengths]
+    assert_matches_oracle(out, baseline, padded_oracle(q, r, kc, vc, grown, pads))
+
+
+@pytest.mark.gpu
 def test_gpu_paged_bf16_equals_contiguous():
     gen = torch.Generator().manual_seed(3)
     q, r, k_cache, v_cache = make_inputs(4, 4096, 32, 8, 128, 1, torch.bfloat16)
