@@ -120,20 +120,28 @@ def test_what_does_not_apply_raises(kind, tmp_path):
 
 def test_compiled_training_step_is_one_graph(traceable_empty):
     """torch.compile of a whole converted model, forward and backward, at batch 3: one graph, the eager
-    gradients (GPT's is compiled by tests/train/test_loop.py). A padded batch also compiles, with graph breaks
-    at its data-dependent gathers: minutes here, so not in CI."""
+    gradients (GPT's is compiled by tests/train/test_loop.py). position_ids as the flattening collator passes
+    them: the graph checks on the device that no sequence restarts inside a row, and fails when one does
+    (packed sequences run eagerly). A padded batch also compiles, with graph breaks at its data-dependent
+    gathers: minutes here, so not in CI."""
     model = build("llama").train()
     ids = inputs()["input_ids"]
+    positions = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
 
-    def step(forward):
+    def step(forward, position_ids=positions):
         model.zero_grad()
-        loss = forward(input_ids=ids, labels=ids).loss
+        loss = forward(input_ids=ids, position_ids=position_ids, labels=ids).loss
         loss.backward()
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     torch._dynamo.reset()
-    loss, grads = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss, grads = step(compiled)
     expected_loss, expected = step(model)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     for name, grad in expected.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7)
+    packed = positions.clone()
+    packed[1, 4:] = torch.arange(ids.shape[1] - 4)  # a second sequence starts at token 4 of row 1
+    with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(RuntimeError, match="packed sequences"):
+        step(compiled, packed)

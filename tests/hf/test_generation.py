@@ -79,6 +79,21 @@ def test_static_cache_equals_dynamic(kind):
     assert isinstance(cache, StaticParallaxCache)
 
 
+@pytest.mark.parametrize("kind", MAIN_KINDS)
+@torch.no_grad()
+def test_static_cache_beam_search_and_fixed_batch(kind):
+    """Beam search reorders a static cache in place (its addresses stay fixed); changing its batch raises."""
+    model = build(kind)
+    beams = dict(num_beams=3, num_return_sequences=2, do_sample=False)
+    static = run(model, cache_implementation="static", **beams)
+    assert_same_generation(static, run(model, **beams))
+    cache = static.cache if hasattr(static, "cache") else static.past_key_values
+    with pytest.raises(NotImplementedError, match="fixed batch size"):
+        cache.batch_repeat_interleave(2)
+    with pytest.raises(NotImplementedError, match="fixed batch size"):
+        cache.batch_select_indices(torch.tensor([0]))
+
+
 @pytest.mark.parametrize("kind", ["parallax", "qwen3"])
 @torch.no_grad()
 def test_compiled_decoding_equals_eager(kind):
