@@ -28,6 +28,13 @@ def nan_empty(monkeypatch):
 
 
 @pytest.fixture
+def traceable_empty(monkeypatch):
+    """torch.empty and torch.empty_like as they are: torch.compile cannot trace the NaN-filling wrappers."""
+    monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
+    monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+
+
+@pytest.fixture
 def one_thread():
     """Run a test on one torch thread, restoring the count afterwards."""
     n = torch.get_num_threads()

@@ -4,7 +4,8 @@
   model (`AutoModelForCausalLM`, `save_pretrained` to safetensors, `generate`).
 - `to_parallax(model)`: a Llama, Mistral, Qwen2 or Qwen3 model with Parallax
   attention whose probe starts at zero, so its outputs are unchanged.
-- `ParallaxCache`: the KV cache both use (`parallax_attn_with_kvcache` layout).
+- `ParallaxCache` / `StaticParallaxCache`: the KV caches both use (`parallax_attn_with_kvcache`
+  layout; growing, or fixed-capacity for compiled decoding).
 - `parallax.hf.export` (`python -m parallax.hf.export`): a train.py checkpoint
   or run directory to a model directory; imported on its own, so that running
   it as a module finds it not yet imported.
@@ -17,7 +18,7 @@ except ImportError as e:  # the core library works without it
     raise ImportError("parallax.hf needs transformers and safetensors: pip install 'parallax[hf]'") from e
 
 from .attention import ATTENTION_NAME, ParallaxSelfAttention
-from .cache import ParallaxCache, ParallaxCacheLayer
+from .cache import ParallaxCache, ParallaxCacheLayer, StaticParallaxCache, StaticParallaxCacheLayer
 from .modeling import ParallaxConfig, ParallaxForCausalLM
 from .retrofit import FAMILIES, to_parallax
 
@@ -29,5 +30,7 @@ __all__ = [
     "ParallaxConfig",
     "ParallaxForCausalLM",
     "ParallaxSelfAttention",
+    "StaticParallaxCache",
+    "StaticParallaxCacheLayer",
     "to_parallax",
 ]

@@ -7,9 +7,10 @@ the probe r = W_R x is computed from, nor a cache it could hand to
 `parallax_attn_with_kvcache`. So the converted model replaces each
 self-attention *module* (the module interface every Llama-family decoder layer
 calls: hidden states and (cos, sin) in, (output, weights) out). The name
-"parallax" is still registered, with no attention function of its own, so
-that masks are never built for these modules (padding is checked instead, see
-`unpadded_mask`).
+"parallax" is still registered, with no attention function of its own and a
+mask function that hands the layers the 2D padding mask as it is (never a
+dense mask): padding and packed sequences are handled by rearranging tokens
+(`padding.py`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 
 from ..nn import ParallaxAttention
 from .cache import parallax_cache_layer
+from .padding import LeftPaddedChunk, PackedTokens, check_one_sequence_per_row, padding_mask_or_none
 
 ATTENTION_NAME = "parallax"
 
@@ -28,20 +30,16 @@ def _no_attention_function(module, *args, **kwargs):
                     f"modules, not by an attention function; {type(module).__name__} cannot use it")
 
 
-def unpadded_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
-    """The "parallax" mask: always None, the attention is causal (and windowed) by itself.
-
-    Parallax attention takes sequences of equal length; a 2D attention_mask
-    with padding (zeros) is refused rather than silently attended to.
-    """
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("Parallax attention takes unpadded batches: attention_mask has padding (zeros); "
-                         "batch sequences of equal length or generate them one at a time")
-    return None
+def parallax_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **kwargs):
+    """The "parallax" mask: the 2D padding mask of the new tokens (the cache keeps what it needs of the
+    past ones; a fixed shape while decoding, so compiled steps do not recompile), or None without padding."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        attention_mask = attention_mask[:, -q_length:]
+    return padding_mask_or_none(attention_mask)
 
 
 AttentionInterface.register(ATTENTION_NAME, _no_attention_function)
-AttentionMaskInterface.register(ATTENTION_NAME, unpadded_mask)
+AttentionMaskInterface.register(ATTENTION_NAME, parallax_mask)
 
 
 class ParallaxSelfAttention(ParallaxAttention):
@@ -61,6 +59,7 @@ class ParallaxSelfAttention(ParallaxAttention):
         super().__init__(hidden_size, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, kind="parallax",
                          window_size=window_size, qk_norm=qk_norm, bias=bias, scale=scale, backend=backend,
                          deterministic=deterministic)
+        self.rope = None  # the host model's rotary embedding rotates q, k and r (`position_embeddings`)
         self.layer_idx = layer_idx
         self.is_causal = True
 
@@ -93,11 +92,10 @@ class ParallaxSelfAttention(ParallaxAttention):
         return layer.train(attn.training)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None, **kwargs):
-        if attention_mask is not None:
-            raise ValueError("Parallax attention takes no attention mask (it is causal, windowed where configured); "
-                             f"got a {type(attention_mask).__name__} mask: load the model with "
-                             f"attn_implementation={ATTENTION_NAME!r} and pass unpadded batches")
+                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None,
+                position_ids: torch.Tensor | None = None, **kwargs):
+        """attention_mask: None or the 2D padding mask (1: token, 0: padding) over past and new tokens;
+        position_ids: restarting positions mark packed sequences (without a cache)."""
         if position_embeddings is None:
             raise ValueError("position_embeddings (cos, sin) from the host model's rotary embedding are required")
         cos, sin = position_embeddings
@@ -107,9 +105,20 @@ class ParallaxSelfAttention(ParallaxAttention):
         half = self.head_dim // 2
         # transformers' rotate-half (cos, sin) repeat the same D/2 angles twice; the layer takes one copy.
         rope = (cos[..., :half].unsqueeze(-2), sin[..., :half].unsqueeze(-2))
+        B, T = hidden_states.shape[:2]
         hf_cache = cache if past_key_values is None else past_key_values  # `cache` from transformers 5.24 on
-        kv = None
         if hf_cache is not None and not self.training:
-            layer = parallax_cache_layer(hf_cache, self.layer_idx)
-            kv = layer.reserve(hidden_states.shape[1], hidden_states, self.num_kv_heads, self.head_dim)
-        return super().forward(hidden_states, cache=kv, rope=rope), None
+            chunk = LeftPaddedChunk.of(attention_mask, B, T)
+            check_one_sequence_per_row(position_ids, chunk)
+            kv = parallax_cache_layer(hf_cache, self.layer_idx).reserve(
+                T, hidden_states, self.num_kv_heads, self.head_dim, None if chunk is None else chunk.pads)
+            if chunk is None:
+                return super().forward(hidden_states, cache=kv, rope=rope), None
+            out = super().forward(chunk.pack(hidden_states), cache=kv, rope=tuple(map(chunk.pack, rope)))
+            return chunk.unpack(out), None
+        packed = PackedTokens.of(attention_mask, position_ids, B, T)
+        if packed is None:
+            return super().forward(hidden_states, rope=rope), None
+        out = super().forward(packed.pack(hidden_states), cu_seqlens=packed.cu_seqlens,
+                              rope=tuple(map(packed.pack, rope)))
+        return packed.unpack(out), None

@@ -10,17 +10,20 @@ everywhere in parallax) go to every layer.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from ..kernels.backend import check_backend
 from ..kernels.checks import check_deterministic
 from ..nn import ParallaxAttention
-from ..nn.rope import RotaryEmbedding
 from .attention import ATTENTION_NAME, ParallaxSelfAttention
+from .mixin import ParallaxModelMixin
 
 
 def _window(attn: nn.Module, config) -> int | None:
@@ -46,7 +49,7 @@ class ParallaxRetrofit:
     """Mixin of the converted causal-LM classes: build the family's model, then install Parallax attention."""
 
     def __init__(self, config):
-        config._attn_implementation = ATTENTION_NAME
+        self._use_parallax_attention(config)
         super().__init__(config)
         install_parallax_attention(self)
 
@@ -54,8 +57,17 @@ class ParallaxRetrofit:
         super()._init_weights(module)
         if isinstance(module, ParallaxAttention):
             module.reset_probe()  # a probe missing from a checkpoint starts at zero
-        elif isinstance(module, RotaryEmbedding):
-            module.reset_parameters()
+
+
+def _parallax_forward(base_forward):
+    """The family's forward (same signature, which generate() inspects), refusing what Parallax modules cannot do."""
+
+    @functools.wraps(base_forward)
+    def forward(self, *args, **kwargs):
+        self._check_call(kwargs.get("output_attentions"))
+        return base_forward(self, *args, **kwargs)
+
+    return forward
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,11 @@ class Family:
 def _family(name: str, base_config: type, base_model: type) -> Family:
     config_class = type(f"Parallax{base_config.__name__}", (base_config,),
                         {"model_type": f"parallax_{name}", "__module__": __name__})
-    model_class = type(f"Parallax{base_model.__name__}", (ParallaxRetrofit, base_model),
-                       {"config_class": config_class, "__module__": __name__})
+    # GenerationMixin among the direct bases, as transformers' own model classes have it
+    model_class = type(f"Parallax{base_model.__name__}", (ParallaxRetrofit, ParallaxModelMixin, base_model,
+                                                          GenerationMixin),
+                       {"config_class": config_class, "forward": _parallax_forward(base_model.forward),
+                        "__module__": __name__})
     AutoConfig.register(config_class.model_type, config_class)
     AutoModelForCausalLM.register(config_class, model_class)
     globals()[config_class.__name__] = config_class  # importable by name (pickling, repr)
@@ -95,8 +110,9 @@ def to_parallax(model: nn.Module, *, backend: str | None = None, deterministic: 
     scaling), and a probe that starts at zero: right after conversion the
     logits are the original model's. backend and deterministic (those of
     `parallax_attn`) are stored in the config and given to every layer. The
-    model's class and config class become the registered Parallax subclasses
-    (same weights, same config values), so `save_pretrained` /
+    model's class becomes the registered Parallax subclass (same weights) and
+    it gets a copy of its config as the Parallax config subclass (same values;
+    the caller's config object is left as it was), so `save_pretrained` /
     `AutoModelForCausalLM.from_pretrained` round-trip it.
     """
     family = next((f for f in FAMILIES.values() if type(model) is f.base_model), None)
@@ -109,10 +125,15 @@ def to_parallax(model: nn.Module, *, backend: str | None = None, deterministic: 
         raise TypeError(f"model.config must be a {family.base_config.__name__}, got {type(model.config).__name__}")
     check_backend(backend)
     check_deterministic(deterministic)
-    model.config.backend, model.config.deterministic = backend, deterministic
+    # The model gets its own copy of the config, so the caller's object (from which
+    # they may build the original model again) stays as it was.
+    original = model.config
+    config = copy.deepcopy(original)
+    config.__class__ = family.config_class  # the subclass adds no state
+    config.backend, config.deterministic = backend, deterministic
+    for module in model.modules():
+        if getattr(module, "config", None) is original:
+            module.config = config
     install_parallax_attention(model)
-    # The subclasses add no state, so switching the classes keeps every submodule's
-    # reference to the one config object and every parameter tensor as they are.
-    model.config.__class__ = family.config_class
-    model.__class__ = family.model_class
+    model.__class__ = family.model_class  # adds no state: every parameter tensor stays as it is
     return model

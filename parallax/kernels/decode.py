@@ -7,6 +7,8 @@ already cached. New keys/values, when given, are written in place at
 `cache_seqlens` before attending. The sequence then holds
 L = cache_seqlens + Tq keys (L = cache_seqlens when no k, v are given), and
 query t sits at position L - Tq + t: end-aligned causal, as FlashAttention.
+`cache_leftpad` [B] (FlashAttention's argument of that name) marks the first
+positions of each sequence as left padding: keys there are never attended to.
 The Triton kernel lives in `triton_decode.py`; the torch path here is exact
 and serves CPU tensors and inputs the kernel does not take.
 """
@@ -20,7 +22,17 @@ from .checks import check_same, check_scale, check_tensor, check_window
 from .reference import visible_keys
 
 
-def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, check_values):
+def _check_lengths(name, x, B, device):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int32 or x.shape != (B,):
+        raise ValueError(f"{name} must be an int32 tensor of shape [{B}], got {x.dtype} {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on the cache's device ({device}), got {x.device}")
+
+
+def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, block_table, scale, window_size,
+              check_values):
     layout = "[batch, seq, heads, head_dim]"
     check_tensor("q", q, 4, layout)
     check_tensor("r", r, 4, layout)
@@ -54,13 +66,9 @@ def _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, w
                 raise ValueError(f"{name} must have shape {(B, Tq, HK, D)} (q's batch and seq, the cache's heads), "
                                  f"got {tuple(x.shape)}")
             check_same("k_cache", k_cache, name, x)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be a torch.Tensor, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32 or cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape [{B}], "
-                         f"got {cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != k_cache.device:
-        raise ValueError(f"cache_seqlens must be on the cache's device ({k_cache.device}), got {cache_seqlens.device}")
+    _check_lengths("cache_seqlens", cache_seqlens, B, k_cache.device)
+    if cache_leftpad is not None:
+        _check_lengths("cache_leftpad", cache_leftpad, B, k_cache.device)
     if block_table is None:
         if k_cache.shape[0] != B:
             raise ValueError(f"k_cache must have q's batch size ({B}) in dim 0, got {k_cache.shape[0]}")
@@ -118,7 +126,7 @@ def _reads_values(check_values, use_triton, cache_seqlens) -> bool:
     return not (use_triton and cache_seqlens.is_cuda)
 
 
-def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
+def _check_values(cache_seqlens, cache_leftpad, block_table, new_tokens, capacity, num_blocks):
     lengths = cache_seqlens.tolist()
     if min(lengths) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {min(lengths)}")
@@ -127,6 +135,11 @@ def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
             f"cache overflow: cache_seqlens + {new_tokens} new tokens reaches {max(lengths) + new_tokens}, "
             f"but the cache holds {capacity} positions per sequence"
         )
+    if cache_leftpad is not None:
+        for b, (pad, length) in enumerate(zip(cache_leftpad.tolist(), lengths)):
+            if not 0 <= pad <= length + new_tokens:
+                raise ValueError(f"cache_leftpad must lie in [0, cache_seqlens + {new_tokens} new tokens]; "
+                                 f"sequence {b} has {pad} for a length of {length + new_tokens}")
     if block_table is not None:
         # Only the blocks a sequence will read must be valid; unused slots may hold anything.
         bs = capacity // block_table.shape[1]
@@ -137,14 +150,18 @@ def _check_values(cache_seqlens, block_table, new_tokens, capacity, num_blocks):
             raise ValueError(f"block_table entries in use must lie in [0, {num_blocks}) (k_cache's num_blocks)")
 
 
-def _logical_cache(cache, block_table, seqlens):
+def _logical_cache(cache, block_table, seqlens, leftpad):
     """[B, S, HK, D] copy of the cache in which positions at or past `seqlens`
-    are 0: an unused tail (or unused paged slot) may hold anything, NaN included,
-    and must not reach the output through a zero weight (0 * NaN = NaN)."""
+    (and before `leftpad`) are 0: an unused tail (or unused paged slot, or
+    padding) may hold anything, NaN included, and must not reach the output
+    through a zero weight (0 * NaN = NaN)."""
     if block_table is not None:
         # Unused slots may hold any id; clamp so the gather stays in bounds (they are zeroed below).
         cache = cache[block_table.long().clamp(0, cache.shape[0] - 1)].flatten(1, 2)
-    filled = torch.arange(cache.shape[1], device=cache.device) < seqlens.long()[:, None]  # [B, S]
+    position = torch.arange(cache.shape[1], device=cache.device)
+    filled = position < seqlens.long()[:, None]  # [B, S]
+    if leftpad is not None:
+        filled &= position >= leftpad.long()[:, None]
     return torch.where(filled[:, :, None, None], cache, torch.zeros((), dtype=cache.dtype, device=cache.device))
 
 
@@ -162,14 +179,14 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
         v_cache[blocks, pos % bs] = v
 
 
-def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size):
-    """Dense float32 attention of q, r against the first `seqlens` [B] cached
-    keys, in chunks of query rows so a long prefill through the cache keeps
-    its score blocks near SCORE_BLOCK_ELEMENTS."""
+def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size, leftpad=None):
+    """Dense float32 attention of q, r against the cached keys in [leftpad, seqlens)
+    of each sequence, in chunks of query rows so a long prefill through the
+    cache keeps its score blocks near SCORE_BLOCK_ELEMENTS."""
     B, Tq, HQ, D = q.shape
     dtype = compute_dtype(q)
-    K = _logical_cache(k_cache, block_table, seqlens).to(dtype)
-    V = _logical_cache(v_cache, block_table, seqlens).to(dtype)
+    K = _logical_cache(k_cache, block_table, seqlens, leftpad).to(dtype)
+    V = _logical_cache(v_cache, block_table, seqlens, leftpad).to(dtype)
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
@@ -180,6 +197,8 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
         t1 = min(Tq, t0 + rows)
         pos = seqlens.long()[:, None] - Tq + torch.arange(t0, t1, device=q.device)  # [B, rows]
         visible = visible_keys(pos[:, :, None], key_pos, causal=True, window_size=window_size)
+        if leftpad is not None:
+            visible &= key_pos >= leftpad.long()[:, None, None]
         p, s2, sbar = parallax_weights(qg[:, t0:t1], rg[:, t0:t1], K, visible[:, None, None], scale)
         w = p * (1.0 + sbar - s2)
         out.append(torch.einsum("bkgts,bskd->btkgd", w, V))
@@ -187,7 +206,7 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
 
 
 def parallax_attn_with_kvcache(
-    q, r, k_cache, v_cache, *, k=None, v=None, cache_seqlens, scale=None, window_size=None,
+    q, r, k_cache, v_cache, *, k=None, v=None, cache_seqlens, cache_leftpad=None, scale=None, window_size=None,
     block_table=None, backend=None, check_values=None,
 ):
     """Parallax attention of Tq >= 1 new queries against a KV cache.
@@ -199,38 +218,46 @@ def parallax_attn_with_kvcache(
         k, v: optional [B, Tq, HK, D], written in place into the cache at
             `cache_seqlens` before attending.
         cache_seqlens: int32 [B], tokens in the cache before this call.
+        cache_leftpad: optional int32 [B], in [0, cache_seqlens + Tq]: the
+            first cache_leftpad[b] positions of sequence b are left padding,
+            never attended to (FlashAttention's `cache_leftpad`). A query at
+            a padded position sees no key (its row is 0). Positions, and so
+            the causal mask and the window, still count the padding slots.
         scale: multiplies q.k only; None means D ** -0.5.
         window_size: attend to the W most recent positions only (self included).
         block_table: int32 [B, max_blocks] for a paged cache.
         backend: None (the split-KV Triton kernel for CUDA tensors it supports:
             float16/bfloat16/float32, head_dim a power of two in [16, 256];
             torch otherwise), "torch" or "triton".
-        check_values: whether the host reads cache_seqlens and block_table to
-            reject out-of-range values with a ValueError before anything is
-            written. None (default): yes for the torch path and CPU tensors,
-            no for the Triton kernel on CUDA, which never synchronises with
-            the device (it never touches memory outside the cache; a sequence
-            with an out-of-range length gets NaN rows and no append). True:
-            always (one device synchronisation); False: never.
+        check_values: whether the host reads cache_seqlens, cache_leftpad
+            and block_table to reject out-of-range values with a ValueError
+            before anything is written. None (default): yes for the torch
+            path and CPU tensors, no for the Triton kernel on CUDA, which
+            never synchronises with the device (it never touches memory
+            outside the cache; a sequence with an out-of-range length or left
+            offset gets NaN rows and no append). True: always (one device
+            synchronisation); False: never.
 
     Returns [B, Tq, HQ, D] in q's dtype. cache_seqlens is not advanced: the
     caller owns it (add Tq after the call).
     """
-    capacity = _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, window_size, check_values)
+    capacity = _validate(q, r, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, block_table, scale, window_size,
+                         check_values)
     # Resolved before anything is written to the cache: an explicit "triton" the kernel cannot serve raises.
     use_triton = resolve_backend(backend, q, decode_kernel_refuses) == "triton"
     if _reads_values(check_values, use_triton, cache_seqlens):
-        _check_values(cache_seqlens, block_table, q.shape[1] if k is not None else 0, capacity, k_cache.shape[0])
+        _check_values(cache_seqlens, cache_leftpad, block_table, q.shape[1] if k is not None else 0, capacity,
+                      k_cache.shape[0])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if use_triton:
         from .triton_decode import triton_decode  # lazy: the torch path works without triton
 
         # The kernel appends k, v itself, in the same launch.
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, k=k, v=v, scale=scale,
-                             window_size=window_size)
+                             window_size=window_size, cache_leftpad=cache_leftpad)
     new_tokens = 0
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
         new_tokens = q.shape[1]
     return kvcache_attention_torch(q, r, k_cache, v_cache, cache_seqlens + new_tokens, block_table, scale,
-                                   window_size)
+                                   window_size, cache_leftpad)

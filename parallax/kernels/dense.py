@@ -40,13 +40,12 @@ def heads_view(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def to_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype, scale: float | None = None) -> torch.Tensor:
     """[B, T, HQ, D] -> a new contiguous [B * HK, G, T, D] in `dtype`, times `scale`."""
     B, T, H, D = x.shape
+    # copy_ then mul_, not mul(..., out=out): torch.compile gives an out= result
+    # the strides of its input, and the view below then fails for batch > 1.
     out = torch.empty(B, kv_heads, H // kv_heads, T, D, dtype=dtype, device=x.device)
-    if scale is not None and x.dtype == dtype:
-        torch.mul(heads_view(x, kv_heads), scale, out=out)
-    else:
-        out.copy_(heads_view(x, kv_heads))
-        if scale is not None:
-            out.mul_(scale)
+    out.copy_(heads_view(x, kv_heads))
+    if scale is not None:
+        out.mul_(scale)
     return out.view(B * kv_heads, H // kv_heads, T, D)
 
 

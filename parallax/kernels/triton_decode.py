@@ -22,10 +22,11 @@ log-sum-exp. The number of splits depends only on shapes, so a launch needs no
 host synchronisation and can be captured in a CUDA graph.
 
 The kernel never reads or writes outside the cache, whatever the values of
-`cache_seqlens` and `block_table` (the host reads them only where that does
-not wait for a GPU; see `decode.py`): a sequence whose length is out of range,
-or one of whose block table entries in use is out of range, gets NaN rows and
-no append (the last split vets the entries; a loop masks any bad one it meets).
+`cache_seqlens`, `cache_leftpad` and `block_table` (the host reads them only
+where that does not wait for a GPU; see `decode.py`): a sequence whose length
+or left offset is out of range, or one of whose block table entries in use is
+out of range, gets NaN rows and no append (the last split vets the entries; a
+loop masks any bad one it meets).
 """
 from __future__ import annotations
 
@@ -92,7 +93,7 @@ def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
 
 @triton.jit
 def _split_kernel(
-    Q, R, K, V, K_NEW, V_NEW, SEQLENS, BLOCK_TABLE, PART_M, PART_D, PART_O, O,
+    Q, R, K, V, K_NEW, V_NEW, SEQLENS, LEFTPAD, BLOCK_TABLE, PART_M, PART_D, PART_O, O,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_rb, stride_rt, stride_rh, stride_rd,
     stride_kb, stride_ks, stride_kh, stride_kd,
@@ -103,7 +104,7 @@ def _split_kernel(
     stride_table_b,
     qk_scale_log2, window, capacity, num_blocks, num_queries, num_kv_heads, num_row_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -118,6 +119,13 @@ def _split_kernel(
     new_tokens = num_queries if APPEND else 0
     seqlen = tl.load(SEQLENS + batch)
     seq_ok = (seqlen >= 0) & (seqlen <= capacity - new_tokens)
+    if HAS_LEFTPAD:
+        # Slots below the sequence's left offset are padding: never read, never seen.
+        leftpad = tl.load(LEFTPAD + batch)
+        seq_ok = seq_ok & (leftpad >= 0) & (leftpad <= seqlen + new_tokens)
+        leftpad = tl.where(seq_ok, leftpad, 0)
+    else:
+        leftpad = 0
     cached = tl.where(seq_ok, seqlen, 0)  # an invalid length reads nothing
     length = cached + new_tokens  # keys in the sequence after the append
     first_pair = row_block * PAIRS
@@ -129,7 +137,7 @@ def _split_kernel(
     # query to its latest query, below `cached`.
     earliest_pos = length - num_queries + first_pair // GROUP
     latest_pos = length - num_queries + (tl.minimum(first_pair + PAIRS, group_rows) - 1) // GROUP
-    key_lo = tl.maximum(earliest_pos - window + 1, 0)
+    key_lo = tl.maximum(earliest_pos - window + 1, leftpad)
     key_hi = tl.minimum(latest_pos + 1, cached)
     # This split's share, in whole tiles aligned to BLOCK_N, of the tiles of [key_lo, key_hi).
     first_tile = key_lo // BLOCK_N
@@ -168,7 +176,7 @@ def _split_kernel(
     bad_blocks = tl.zeros([], tl.int32)  # block table entries out of range met by this program
     for start in range(lo, hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
-        in_range = key < hi
+        in_range = (key < hi) & (key >= leftpad)
         if PAGED:
             block = tl.load(BLOCK_TABLE + batch * stride_table_b + key // PAGE_SIZE, mask=in_range, other=0)
             block_ok = (block >= 0) & (block < num_blocks)
@@ -212,8 +220,11 @@ def _split_kernel(
                 v = tl.load(V_NEW + batch * stride_vnb + t[:, None] * stride_vnt + kv_head * stride_vnh
                             + dim[None, :] * stride_vnd, mask=t_valid[:, None], other=0.0)
                 visible = (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window)
-                visible = visible & t_valid[None, :] & pair_valid[:, None]
-                m, d, acc = _attend(qr, k, v, visible, m, d, acc, qk_scale_log2, PAIRS, NEW_TILE, DOT_PRECISION)
+                visible = visible & t_valid[None, :] & pair_valid[:, None] & (key[None, :] >= leftpad)
+                # A padding token is stored but attends as a zero key (0 * NaN must not reach the output).
+                is_token = (key >= leftpad)[:, None]
+                m, d, acc = _attend(qr, tl.where(is_token, k, 0.0), tl.where(is_token, v, 0.0), visible, m, d, acc,
+                                    qk_scale_log2, PAIRS, NEW_TILE, DOT_PRECISION)
                 if row_block == 0:
                     write = t < writable  # (not `t_valid & ok`: the interpreter rejects a mask made so)
                     if PAGED:
@@ -393,14 +404,15 @@ def launch_config(head_dim: int, dtype: torch.dtype, group_rows: int) -> dict:
 
 
 def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None, v=None, scale: float,
-                  window_size: int | None, num_splits: int | None = None) -> torch.Tensor:
+                  window_size: int | None, cache_leftpad=None, num_splits: int | None = None) -> torch.Tensor:
     """Launch the split kernel, and the merge kernel when there is more than
     one split; inputs are already validated (shapes; values need not be).
 
     With k, v the split kernel also writes them into the cache at
     cache_seqlens (in place, as the torch path's append), and the sequence
-    holds cache_seqlens + Tq keys. `num_splits` overrides the shape-based
-    choice (tests use it to exercise the merge).
+    holds cache_seqlens + Tq keys, of which those below cache_leftpad are
+    padding. `num_splits` overrides the shape-based choice (tests use it to
+    exercise the merge).
     """
     B, Tq, HQ, D = q.shape
     HK = k_cache.shape[2]
@@ -428,12 +440,15 @@ def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None,
     append = k is not None
     k_new, v_new = (k, v) if append else (k_cache, v_cache)  # placeholders, never read without APPEND
     precision = "ieee" if q.dtype == torch.float32 else None  # float32 caches must not round to tf32
+    has_leftpad = cache_leftpad is not None
+    leftpad = cache_leftpad if has_leftpad else cache_seqlens  # unused placeholder pointer without left padding
     _split_kernel[(B * HK * num_row_blocks * num_splits,)](
-        q, r, k_cache, v_cache, k_new, v_new, cache_seqlens, table, part_m, part_d, part_o, out,
+        q, r, k_cache, v_cache, k_new, v_new, cache_seqlens, leftpad, table, part_m, part_d, part_o, out,
         *q.stride(), *r.stride(), *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
         *out.stride(), table.stride(0),
         scale * LOG2E, window, capacity, k_cache.shape[0], Tq, HK, num_row_blocks, num_splits,
-        GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, PAGED=paged, APPEND=append, SINGLE_SPLIT=single,
+        GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, PAGED=paged, APPEND=append, HAS_LEFTPAD=has_leftpad,
+        SINGLE_SPLIT=single,
         DOT_PRECISION=precision, **config,
     )
     if not single:

@@ -40,8 +40,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config.n_embd, config.resolved_mlp_hidden())
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, positions: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache, positions=positions, cu_seqlens=cu_seqlens)
         return x + self.mlp(self.mlp_norm(x))
 
 

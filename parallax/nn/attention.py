@@ -108,17 +108,20 @@ class ParallaxAttention(nn.Module):
         return y if norm is None else norm(y)
 
     def forward(self, x: torch.Tensor, *, cache: KVCache | None = None, cu_seqlens: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """x [B, T, dim] -> [B, T, dim].
 
         cache: a `KVCache` from `new_cache(B, ...)`. x's T tokens continue each sequence b at position
-        `cache.seqlens[b]` (RoPE included): their keys and values are written there, every query attends
-        to all the positions the cache then holds (causally, within window_size), and `cache.seqlens`
-        advances by T. So a prompt and then one token per call give the outputs of a single call on the
-        whole sequence. cu_seqlens: packed sequences (batch 1), as `parallax_attn`'s; not with a cache.
+        `cache.seqlens[b]` (RoPE included, not counting the cache's left padding `cache.leftpad[b]`): their
+        keys and values are written there, every query attends to all the positions the cache then holds
+        (causally, within window_size), and `cache.seqlens` advances by T. So a prompt and then one token
+        per call give the outputs of a single call on the whole sequence. cu_seqlens: packed sequences
+        (batch 1), as `parallax_attn`'s; not with a cache.
+        positions: integer [B, T] or [T], the positions of x's tokens for the layer's RoPE; None: after the
+        cache's tokens, restarting per packed sequence, or 0 .. T - 1.
         rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
-        layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`); None: the layer's RoPE at the
-        positions of x (after the cache, or restarting per packed sequence)."""
+        layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`)."""
         if x.ndim != 3:
             raise ValueError(f"x must have 3 dims [batch, seq, dim], got shape {tuple(x.shape)}")
         if cache is not None and cu_seqlens is not None:
@@ -134,12 +137,15 @@ class ParallaxAttention(nn.Module):
 
         if rope is not None:
             cos, sin = rope
-        elif cache is not None:
-            cos, sin = self.rope(cache.seqlens.long()[:, None] + torch.arange(T, device=x.device))
-        elif cu_seqlens is not None:
-            cos, sin = self.rope(packed_positions(cu_seqlens, T))
         else:
-            cos, sin = self.rope(torch.arange(T, device=x.device))
+            if positions is None:
+                positions = torch.arange(T, device=x.device)
+                if cache is not None:
+                    first = cache.seqlens if cache.leftpad is None else cache.seqlens - cache.leftpad
+                    positions = first.long()[:, None] + positions
+                elif cu_seqlens is not None:
+                    positions = packed_positions(cu_seqlens, T)
+            cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if r is not None:
             r = apply_rope(r, cos, sin)
@@ -149,7 +155,8 @@ class ParallaxAttention(nn.Module):
             # Softmax decode is Parallax decode with a zero probe (w = p); the
             # extra FLOPs are free in the bandwidth-bound decode.
             probe = torch.zeros_like(q) if r is None else r
-            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens, **common)
+            o = parallax_attn_with_kvcache(q, probe, cache.k, cache.v, k=k, v=v, cache_seqlens=cache.seqlens,
+                                           cache_leftpad=cache.leftpad, **common)
             cache.seqlens += T
         elif r is None:
             o = softmax_attention(q, k, v, cu_seqlens=cu_seqlens, deterministic=self.deterministic, **common)

@@ -7,7 +7,12 @@ import torch
 class KVCache:
     """Contiguous cache [B, max_seqlen, HK, D] for keys and values, plus the
     int32 number of tokens cached per sequence. This is the layout that
-    `parallax_attn_with_kvcache` (and its Triton kernel) reads."""
+    `parallax_attn_with_kvcache` (and its Triton kernel) reads.
+
+    `leftpad`: None, or int32 [B] positions of left padding at the start of
+    each sequence (its `cache_leftpad`); `parallax.hf` sets it for padded
+    batches.
+    """
 
     def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
                  dtype=torch.float32, device=None):
@@ -15,6 +20,7 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.leftpad: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -26,3 +32,4 @@ class KVCache:
 
     def reset(self) -> None:
         self.seqlens.zero_()
+        self.leftpad = None

@@ -54,14 +54,17 @@ def test_generate_with_cache_equals_without_and_gpt_generate(window):
 def test_config_and_inputs_are_validated():
     with pytest.raises(ValueError, match="n_embd"):
         ParallaxConfig(n_embd=30, n_head=4)
+    config = ParallaxConfig(**SHAPE, num_key_value_heads=1)  # transformers' names set GPTConfig's fields
+    assert config.n_kv_head == config.num_key_value_heads == 1 and config.hidden_size == 32
+    assert ParallaxConfig(n_head=4).num_key_value_heads == 4  # n_kv_head=None: one KV head per query head
     model = trained_like(ParallaxConfig(**SHAPE))
     x = torch.randint(0, 64, (2, 5))
-    mask = torch.ones_like(x)
-    mask[1, 0] = 0
-    with pytest.raises(ValueError, match="unpadded"):
-        model(x, attention_mask=mask)
+    with pytest.raises(ValueError, match="2D attention_mask"):
+        model(x, attention_mask=torch.ones(2, 1, 5, 5))
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(x, inputs_embeds=model.get_input_embeddings()(x))
     labels = x.clone()
     loss = model(x, labels=labels).loss  # transformers' convention: labels are the inputs, shifted inside
     expected = torch.nn.functional.cross_entropy(model(x).logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())

@@ -96,6 +96,30 @@ def test_trained_probe_cache_matches_recompute_and_round_trips(family, tmp_path)
     assert torch.equal(greedy(loaded, x, use_cache=True), tokens)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_callers_config_is_left_as_it_was_and_no_buffer_is_added(family):
+    """The converted model gets its own config (the caller builds the original model again from theirs),
+    and the only new tensors are the probes: no rotary buffer per layer (the host's RoPE is used)."""
+    model = family_model(family)
+    config = model.config
+    before = (type(config), config.to_dict(), config._attn_implementation)
+    buffers = {name for name, _ in model.named_buffers()}
+    params = {name for name, _ in model.named_parameters()}
+    to_parallax(model)
+    assert (type(config), config.to_dict(), config._attn_implementation) == before
+    assert model.config is not config and model.model.config is model.config
+
+    def values(c):  # the conversion adds the attention's backend and determinism, and names the new class
+        return {k: v for k, v in c.to_dict().items()
+                if k not in ("model_type", "architectures", "backend", "deterministic")}
+
+    assert values(model.config) == values(config)
+    assert {name for name, _ in model.named_buffers()} == buffers
+    assert {name for name, _ in model.named_parameters()} - params == {
+        name for name, _ in model.named_parameters() if ".r_proj." in name or ".r_norm." in name}
+    FAMILIES[family].base_model(config)  # the original class still takes the caller's config
+
+
 @torch.no_grad()
 def test_a_q_k_scale_other_than_head_dim_is_carried_over():
     """A layer whose `scaling` is not head_dim ** -0.5 (Gemma-style query
@@ -129,11 +153,8 @@ def test_a_default_dynamic_cache_is_taken_over_empty_and_refused_filled():
 def test_bad_inputs_raise_clear_errors():
     model = to_parallax(family_model("mistral"))
     x = torch.randint(0, VOCAB, (2, 6))
-    padded = torch.ones_like(x)
-    padded[0, 0] = 0
-    with pytest.raises(ValueError, match="unpadded"):
-        model(x, attention_mask=padded)
-    model(x, attention_mask=torch.ones_like(x))  # an all-ones mask is fine
+    with pytest.raises(ValueError, match="2D attention_mask"):
+        model(x, attention_mask=torch.ones(2, 1, 6, 6))
     with pytest.raises(ValueError, match="already a Parallax model"):
         to_parallax(model)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2))

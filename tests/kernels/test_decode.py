@@ -239,6 +239,97 @@ def test_decode_equals_last_rows_of_parallax_attn(Tq, window_size):
     torch.testing.assert_close(out, full[:, -Tq:], rtol=1e-5, atol=1e-5)
 
 
+def padded_oracle(q, r, k_cache, v_cache, lengths, leftpads, window_size=None):
+    """Row b: its queries against cached positions [leftpad, length) only, in
+    float64; queries at padded positions see no key (0)."""
+    rows = []
+    for b, (L, pad) in enumerate(zip(lengths, leftpads)):
+        row = torch.zeros(q[b : b + 1].shape, dtype=torch.float64, device=q.device)
+        real = min(q.shape[1], L - pad)  # the last `real` queries sit at unpadded positions
+        if real > 0:
+            row[:, q.shape[1] - real:] = float64_oracle(q[b : b + 1, -real:], r[b : b + 1, -real:],
+                                                        k_cache[b : b + 1, pad:], v_cache[b : b + 1, pad:],
+                                                        [L - pad], window_size)
+        rows.append(row)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Tq,window_size,num_splits", [(1, None, None), (3, 7, None), (3, None, 3), (1, 5, 2)])
+def test_leftpad_hides_the_padding(dtype, Tq, window_size, num_splits):
+    """cache_leftpad: each sequence attends only to its positions from its
+    left offset on, as if the padding were not there (the float64 oracle on
+    the unpadded keys), in the kernel with one split or many and in the torch
+    path. The padding holds NaN (in the cache and in the appended tokens) and
+    never reaches the output; queries at padded positions give 0."""
+    B, S, HQ, HK, D = 5, 64, 4, 2, 32
+    q, r, k_cache, v_cache = make_inputs(B, S, HQ, HK, D, Tq, dtype)
+    _, _, k_new, v_new = make_inputs(B, Tq, HQ, HK, D, Tq, dtype, seed=1)
+    lengths = [40, 40, 9, 0, 20]
+    leftpads = [0, 13, 9 + Tq - 1, Tq, 20 + Tq]  # none, some, all but the last query, all but ... , everything
+    for b, (L, pad) in enumerate(zip(lengths, leftpads)):
+        k_cache[b, :min(pad, L)] = float("nan")
+        v_cache[b, :min(pad, L)] = float("nan")
+        k_new[b, :max(0, pad - L)] = float("nan")
+        v_new[b, :max(0, pad - L)] = float("nan")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(leftpads, dtype=torch.int32, device=DEVICE)
+
+    def run(backend):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        kwargs = dict(k=k_new, v=v_new, scale=D**-0.5, window_size=window_size, cache_leftpad=leftpad)
+        if backend == "triton" and num_splits is not None:
+            return triton_decode(q, r, kc, vc, seqlens, None, num_splits=num_splits, **kwargs), kc
+        return parallax_attn_with_kvcache(q, r, kc, vc, cache_seqlens=seqlens, backend=backend, **kwargs), kc
+
+    (out, k_after), (baseline, k_torch) = run("triton"), run("torch")
+    assert torch.equal(k_after.nan_to_num(), k_torch.nan_to_num())  # both append the same, padding included
+    grown = [L + Tq for L in lengths]
+    full_k, full_v = k_cache.clone(), v_cache.clone()
+    for b, L in enumerate(lengths):
+        full_k[b, L:L + Tq], full_v[b, L:L + Tq] = k_new[b], v_new[b]
+    ref = padded_oracle(q, r, full_k, full_v, grown, leftpads, window_size)
+    assert_matches_oracle(out, baseline, ref)
+    assert (out[2, :-1] == 0).all() and (out[4] == 0).all()
+
+
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_leftpad_decode_equals_last_rows_of_parallax_attn(Tq):
+    """Left-padded sequences decoded through the cache give the last rows of
+    `parallax_attn` on each sequence without its padding."""
+    B, T, HQ, HK, D, window = 3, 37, 4, 2, 16, 11
+    q, r, k, v = make_inputs(B, T, HQ, HK, D, T, torch.float32)
+    pads = [0, 5, 30]
+    k_cache = torch.zeros(B, 40, HK, D, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache[:, : T - Tq], v_cache[:, : T - Tq] = k[:, : T - Tq], v[:, : T - Tq]
+    seqlens = torch.full((B,), T - Tq, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    for backend in ("triton", "torch"):
+        out = parallax_attn_with_kvcache(q[:, -Tq:], r[:, -Tq:], k_cache.clone(), v_cache.clone(), k=k[:, -Tq:],
+                                         v=v[:, -Tq:], cache_seqlens=seqlens, cache_leftpad=leftpad,
+                                         window_size=window, backend=backend)
+        for b, pad in enumerate(pads):
+            alone = parallax_attn(q[b:b + 1, pad:], r[b:b + 1, pad:], k[b:b + 1, pad:], v[b:b + 1, pad:],
+                                  window_size=window, backend="torch")
+            torch.testing.assert_close(out[b:b + 1], alone[:, -Tq:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
+def test_kernel_guards_itself_against_a_bad_leftpad():
+    """Unchecked left offsets outside [0, length] give that sequence NaN rows
+    and no append; the others are unaffected."""
+    q, r, k_cache, v_cache = make_inputs(3, 16, 2, 1, 16, 2, torch.float32)
+    _, _, k_new, v_new = make_inputs(3, 2, 2, 1, 16, 2, torch.float32, seed=1)
+    seqlens = torch.tensor([5, 5, 5], dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor([-1, 8, 2], dtype=torch.int32, device=DEVICE)
+    before = k_cache.clone()
+    out = triton_decode(q, r, k_cache, v_cache, seqlens, None, k=k_new, v=v_new, scale=0.25, window_size=None,
+                        cache_leftpad=leftpad)
+    assert out[:2].isnan().all() and not out[2].isnan().any()
+    assert torch.equal(k_cache[:2], before[:2]) and torch.equal(k_cache[2, 5:7], k_new[2])
+
+
 def test_torch_path_prefill_in_row_chunks(monkeypatch):
     """A long chunk through the cache (prefill) is computed a few query rows
     at a time by the torch path; the rows agree with one block for all."""
@@ -272,6 +363,9 @@ def bad_input_cases():
     def seqlens(values):
         return lambda a: a.update(cache_seqlens=torch.tensor(values, dtype=torch.int32, device=DEVICE))
 
+    def leftpad(values):
+        return lambda a: a.update(cache_leftpad=torch.tensor(values, dtype=torch.int32, device=DEVICE))
+
     def table(fn):
         return lambda a: a.update(block_table=fn(a["block_table"]))
 
@@ -294,6 +388,11 @@ def bad_input_cases():
         ("block_table dtype", table(lambda t: t.long()), ValueError, "block_table must be an int32"),
         ("window", lambda a: a.update(window_size=0), ValueError, "window_size"),
         ("backend name", lambda a: a.update(backend="cuda"), ValueError, "backend"),
+        ("leftpad past the length", leftpad([0, 34]), ValueError, "cache_leftpad must lie in"),
+        ("negative leftpad", leftpad([-1, 0]), ValueError, "cache_leftpad must lie in"),
+        ("leftpad dtype", lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int64)), ValueError,
+         "cache_leftpad must be an int32"),
+        ("leftpad type", lambda a: a.update(cache_leftpad=[0, 0]), TypeError, "cache_leftpad must be a torch.Tensor"),
     ]
     cases = [(backend, *case) for backend in ("triton", "torch") for case in both]
     return cases + [("triton", "float64", all_float64, TypeError, "backend='triton' needs q of dtype")]
@@ -392,6 +491,27 @@ def test_gpu_long_caches(dtype, D, HQ, HK, Tq, window_size):
     baseline = parallax_attn_with_kvcache(q, r, k_cache, v_cache, cache_seqlens=seqlens, window_size=window_size,
                                           backend="torch")
     assert_matches_oracle(out, baseline, float64_oracle(q, r, k_cache, v_cache, lengths, window_size))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Tq,num_splits", [(1, None), (5, None), (1, 6)])
+def test_gpu_leftpad_long_caches(dtype, Tq, num_splits):
+    """cache_leftpad on the GPU in bf16 / fp16 (the interpreter's bf16 dot is wrong), long caches, many splits."""
+    lengths, pads = [1500, 1500, 40, 2000], [0, 700, 40 + Tq - 1, 1999]
+    q, r, k_cache, v_cache = make_inputs(len(lengths), 2048, 8, 2, 128, Tq, dtype)
+    _, _, k_new, v_new = make_inputs(len(lengths), Tq, 8, 2, 128, Tq, dtype, seed=1)
+    for b, (L, pad) in enumerate(zip(lengths, pads)):
+        k_cache[b, :min(pad, L)] = float("nan")
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    leftpad = torch.tensor(pads, dtype=torch.int32, device=DEVICE)
+    kwargs = dict(k=k_new, v=v_new, scale=128**-0.5, window_size=None, cache_leftpad=leftpad)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = triton_decode(q, r, kc, vc, seqlens, None, num_splits=num_splits, **kwargs)
+    baseline = parallax_attn_with_kvcache(q, r, k_cache.clone(), v_cache.clone(), cache_seqlens=seqlens,
+                                          backend="torch", **kwargs)
+    grown = [L + Tq for L in lengths]
+    assert_matches_oracle(out, baseline, padded_oracle(q, r, kc, vc, grown, pads))
 
 
 @pytest.mark.gpu

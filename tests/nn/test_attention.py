@@ -115,6 +115,28 @@ def test_a_cache_of_another_batch_is_refused_naming_the_cache(cache_batch, x_bat
     assert cache.seqlens.tolist() == [0] * cache_batch and torch.equal(cache.k, before)
 
 
+@pytest.mark.parametrize("kind", ["parallax", "softmax"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_left_padded_cache_equals_each_sequence_alone(kind, window):
+    """KVCache.leftpad hides each row's left padding (what parallax.hf sets for padded batches): a prefill
+    of [padding, tokens] and decoding steps after it give each row's outputs on its tokens alone, RoPE
+    positions not counting the padding; positions= given explicitly is the same rotation."""
+    layer = make_layer(kind, window_size=window)
+    lengths, steps = [6, 2, 4], 3
+    width = max(lengths)
+    x = torch.randn(3, width + steps, DIM, dtype=torch.float64)
+    cache = layer.new_cache(3, 16)
+    cache.leftpad = torch.tensor([width - n for n in lengths], dtype=torch.int32)
+    outs = [layer(x[:, :width], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(width, width + steps)]
+    padded = torch.cat(outs, 1)
+    for row, n in enumerate(lengths):
+        tokens = x[row:row + 1, width - n:]
+        alone = layer(tokens)
+        assert torch.allclose(padded[row:row + 1, width - n:], alone, atol=1e-12)
+        assert torch.allclose(layer(tokens, positions=torch.arange(n + steps)), alone, atol=1e-12)
+    assert cache.seqlens.tolist() == [width + steps] * 3
+
+
 def test_packed_sequences_equal_separate_calls():
     layer = make_layer()
     a, b = torch.randn(1, 5, DIM, dtype=torch.float64), torch.randn(1, 8, DIM, dtype=torch.float64)

@@ -133,3 +133,23 @@ def test_evaluation_and_the_sample_show_progress(corpus, tmp_path, capsys):
     assert [line.split("]")[1].split()[0] for line in err if line.startswith("sample [")] == ["2/8", "4/8", "6/8",
                                                                                             "8/8"]
     assert any(line.startswith("[") and "2/2" in line for line in err)  # the training bar
+
+
+def test_compiled_run_matches_the_eager_run(corpus, tmp_path, monkeypatch, traceable_empty):
+    """`train.py --compile` on CPU at batch > 1: torch.compile of GPT traces the attention's torch path in
+    the forward and backward (aot_eager: the tracing inductor does, without its slow CPU code generation)
+    and trains as the eager run does."""
+    real_compile = torch.compile
+    compiled_models = []
+
+    def compile_with_aot_eager(model, **kwargs):
+        compiled_models.append(model)
+        return real_compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    torch._dynamo.reset()
+    short = dict(batch_size=2, seq_len=32, steps=3, eval_every=3, eval_batches=1)
+    compiled = train(tiny(corpus, tmp_path / "compiled", compile=True, **short), stdout=io.StringIO())
+    eager = train(tiny(corpus, tmp_path / "eager", **short), stdout=io.StringIO())
+    assert [type(m).__name__ for m in compiled_models] == ["GPT"]
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)
