@@ -122,6 +122,11 @@ class _BlockwiseParallax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _exact(grad_out):
+            return _BlockwiseParallax._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         qs, rh, kh, vh, out, *kept = ctx.saved_tensors
         scale, causal, window_size, blocks = ctx.args
         B, T, HQ, D = grad_out.shape
@@ -158,6 +163,13 @@ class _BlockwiseParallax(torch.autograd.Function):
         return dq, dr, dk, dv, None, None, None
 
 
+def _exact(x: torch.Tensor):
+    """The torch path computes in float32 (float64 for float64 inputs) and picks
+    its own dtypes: an enclosing autocast region must not lower its matmuls."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def blockwise_attention(q, r, k, v, *, scale: float, causal: bool, window_size: int | None):
     """Exact Parallax (or, with r=None, softmax) attention; inputs already validated."""
-    return _BlockwiseParallax.apply(q, r, k, v, scale, causal, window_size)
+    with _exact(q):
+        return _BlockwiseParallax.apply(q, r, k, v, scale, causal, window_size)
