@@ -97,6 +97,8 @@ class ParallaxForCausalLM(PreTrainedModel, GenerationMixin):
             past_key_values = cache  # transformers 5.24 renamed past_key_values to cache
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        elif not isinstance(use_cache, bool):  # 'no' would read as True
+            raise TypeError(f"use_cache must be None or a bool, got {use_cache!r}")
         caches = None
         if use_cache:
             if past_key_values is None:

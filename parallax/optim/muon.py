@@ -1,6 +1,7 @@
 """The Muon optimizers: one step for Muon matrices and AdamW parameters, on one
 process, under data parallelism (a process group) or FSDP2 (DTensor parameters)."""
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -165,6 +166,9 @@ class MuonWithAdamW(Optimizer):
         process_group=None,
         comm_dtype=torch.bfloat16,
     ):
+        if isinstance(param_groups, torch.Tensor) or not isinstance(param_groups, Iterable):
+            raise TypeError(f"params must be an iterable of parameters or param-group dicts, "
+                            f"got {type(param_groups).__name__}")
         validate_process_group(process_group, comm_dtype)
         self.process_group = process_group
         self.comm_dtype = comm_dtype
@@ -348,7 +352,8 @@ class MuonWithAdamW(Optimizer):
             batches.setdefault(batch_key, []).append(key)
         directions = {}
         for (_, _, _, options), keys in batches.items():
-            stack = [matrices[key].matrix.reshape(-1, *matrices[key].matrix.shape[-2:]) for key in keys]
+            stack = [matrices[key].matrix.reshape(-1, *matrices[key].matrix.shape[-2:]) if matrices[key].matrix.ndim > 2
+                     else matrices[key].matrix[None] for key in keys]
             if len(stack) == 1:
                 outputs = [spectral_direction(matrices[keys[0]].matrix, **dict(options))]
             else:
@@ -393,8 +398,8 @@ class MuonWithAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         # torch's own AdamW kernels (foreach on CUDA by default): the same bits as torch.optim.AdamW.
         adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach, amsgrad=False,
-              beta1=beta1, beta2=beta2, lr=as_scalar(group["lr"]), weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=False)
+              beta1=beta1, beta2=beta2, lr=as_scalar(group["lr"]), weight_decay=float(group["weight_decay"]),
+              eps=float(group["eps"]), maximize=False)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -220,6 +220,8 @@ def spectral_direction(M, rule="orthogonalize", *, orthogonalizer="newton_schulz
     def polar(X):
         return orthogonalize(X, orthogonalizer, ns_steps, coefficients=coefficients, eps=eps, compiled=compiled)
 
+    if M.numel() == 0:  # an empty matrix (or batch) has an empty direction under every rule
+        return torch.zeros_like(M)
     if rule in ("orthogonalize", "normuon"):
         return polar(M)
     if rule == "mucon":

@@ -1,5 +1,6 @@
 """Checks of optimizer hyper-parameters; each error names the argument."""
 
+import math
 import numbers
 
 import torch
@@ -13,6 +14,12 @@ from .spectral import UPDATE_RULES
 def _number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _at_least(name, value, low):
@@ -21,14 +28,14 @@ def _at_least(name, value, low):
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
-def _learning_rate(value):
+def _learning_rate(name, value):
     """A number or a 1-element tensor (torch's optimizers accept both)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"a tensor lr must hold one floating-point value, got shape {tuple(value.shape)}, "
+            raise ValueError(f"a tensor {name} must hold one floating-point value, got shape {tuple(value.shape)}, "
                              f"dtype {value.dtype}")
         value = value.item()
-    _at_least("lr", value, 0.0)
+    _at_least(name, value, 0.0)
 
 
 def _positive(name, value):
@@ -83,9 +90,10 @@ def validate_group(group):
             "every param group must carry use_muon: bool (True: Muon matrices, False: AdamW), "
             f"got {group.get('use_muon')!r}"
         )
-    _learning_rate(group["lr"])
-    _at_least("weight_decay", group["weight_decay"], 0.0)
-    _positive("eps", group["eps"])
+    adamw = "" if group["use_muon"] else "adamw_"  # AdamW groups take these from adamw_lr, ...
+    _learning_rate(adamw + "lr", group["lr"])
+    _at_least(adamw + "weight_decay", group["weight_decay"], 0.0)
+    _positive(adamw + "eps", group["eps"])
     if group["use_muon"]:
         _unit_interval("momentum", group["momentum"])
         _count("ns_steps", group["ns_steps"])
@@ -97,8 +105,10 @@ def validate_group(group):
             coefficient_schedule(group["ns_coefficients"], group["ns_steps"])
         except (TypeError, ValueError) as error:
             raise ValueError(f"ns_coefficients: {error}") from None
+        _flag("nesterov", group["nesterov"])
         _flag("flatten", group["flatten"])
         _flag("compile", group["compile"])
+        _flag("layer_aware_steps", group["layer_aware_steps"])
         _number("clip_threshold", group["clip_threshold"])
         if not 0 < group["clip_threshold"] <= 1:
             raise ValueError("clip_threshold must be in (0, 1] (a fraction of the momentum's spectral norm), "

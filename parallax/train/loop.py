@@ -360,10 +360,13 @@ class Run:
     def restore(self) -> None:
         """With --resume: load the newest readable checkpoint and cut the log back
         to it. With --overwrite: delete the previous run's files, now that this
-        run's data and model are known to be usable."""
+        run's data and model are known to be usable. Then the temp files a
+        killed run left go."""
         if self.cfg.overwrite and self.main:
             self.dir.discard_previous()
         if not self.cfg.resume:
+            if self.main:
+                self.dir.discard_stale_temp_files()
             return
         try:
             state, path, problems = load_latest_checkpoint(self.dir.path, self.device, STATE_TYPES)
@@ -380,6 +383,7 @@ class Run:
             except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
                 raise ConfigError("--resume", f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
         if self.main:
+            self.dir.discard_stale_temp_files()
             _, set_aside = self.log.rollback(self.step)
             if set_aside:
                 print(f"warning: {self.log.path} held {set_aside} unreadable line(s); moved them to "

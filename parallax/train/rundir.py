@@ -4,10 +4,11 @@
 kernel drops it when its process dies, kill -9 included, so a stale lock file
 never blocks), records the holder's pid and host in it, refuses a fresh run
 into a directory that holds a previous run's outputs unless the caller
-resumes it or overwrites it, and only then removes the temp files a killed
-run left behind. An overwritten run's files go only when `discard_previous`
-is called, once the new run has passed its own checks; directories `claim`
-created are removed again by `release` if the run wrote nothing into them.
+resumes it or overwrites it. An overwritten run's files, and the temp files
+a killed run left behind, go only when `discard_previous` and
+`discard_stale_temp_files` are called, once the new run has passed its own
+checks; directories `claim` created are removed again by `release` if the
+run wrote nothing into them.
 """
 from __future__ import annotations
 
@@ -68,8 +69,6 @@ class RunDir:
             if run.previous and not (resume or overwrite):
                 raise ConfigError("--out", f"{run.path} holds a previous run ({', '.join(run.previous)}); "
                                            "pass --resume to continue it or --overwrite to replace it")
-            for name in RUN_FILES:
-                remove_stale_temp_files(run[name])
         except BaseException:
             run.release()
             raise
@@ -88,6 +87,11 @@ class RunDir:
         for name in self.previous:
             self[name].unlink(missing_ok=True)
         self.previous = []
+
+    def discard_stale_temp_files(self) -> None:
+        """Delete the temp files a killed run left (named as `atomic_write` names them)."""
+        for name in RUN_FILES:
+            remove_stale_temp_files(self[name])
 
     def _lock(self) -> None:
         lock = self[LOCK_NAME]

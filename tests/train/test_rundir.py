@@ -33,6 +33,8 @@ def test_a_lock_file_left_by_a_killed_run_does_not_block(tmp_path):
         (tmp_path / name).write_text("the user's")
     run = RunDir.claim(tmp_path, resume=False, overwrite=False)
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert stale.exists()  # until the run has passed its checks
+    run.discard_stale_temp_files()
     assert not stale.exists()
     assert all((tmp_path / name).read_text() == "the user's" for name in USER_FILES)
     run.release()

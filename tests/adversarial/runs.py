@@ -1,0 +1,67 @@
+"""What the train.py properties share: a small corpus, flags that make any
+accepted run take a second, main() called in this process, and snapshots of
+every file a run must leave alone."""
+import contextlib
+import io
+import os
+import stat
+from pathlib import Path
+
+from parallax.train.atomic import TEMP_SUFFIX
+from parallax.train.cli import main
+from parallax.train.rundir import LOCK_NAME, RUN_FILES
+
+# A run accepted with these flags trains one step of the tiny model and stops.
+QUICK = ["--model", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "2", "--stop-after", "1",
+         "--eval-every", "1", "--eval-batches", "1", "--sample-tokens", "0", "--threads", "1", "--no-progress"]
+
+
+def write_corpus(path: Path) -> Path:
+    path.write_bytes(Path(__file__).read_bytes() * 4)
+    return path
+
+
+def run_main(argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of train.py's main in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own errors (and --help) exit from the parser
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(root: Path, skip=()) -> dict[str, tuple]:
+    """{relative path: (kind, content or target)} of everything under root, not
+    following links, except paths under `skip`."""
+    skip = [Path(s) for s in skip]
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        for name in dirnames + filenames:
+            path = here / name
+            if path in skip:
+                continue
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                found[str(path.relative_to(root))] = ("link", os.readlink(path))
+            elif stat.S_ISREG(mode):
+                found[str(path.relative_to(root))] = ("file", path.read_bytes())
+            else:
+                found[str(path.relative_to(root))] = ("dir" if stat.S_ISDIR(mode) else "other", None)
+    return found
+
+
+def is_run_file(name: str) -> bool:
+    """A file train.py writes in --out (its temp files included)."""
+    return name in (*RUN_FILES, LOCK_NAME) or any(name.startswith(f + ".") and name.endswith(TEMP_SUFFIX)
+                                                  for f in RUN_FILES)
+
+
+def one_error_line(code: int, err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: "), (code, err)
+    assert "Traceback" not in err
+    return lines[0]
