@@ -97,6 +97,8 @@ BAD_FLAGS = [
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--lr", "inf"], "--lr"),
+    (["--lr", "6e39"], "--lr"),  # the optimizer step itself would overflow float32
+    (["--weight-decay", "1e29", "--lr", "1"], "--weight-decay"),
     (["--lr", "fast"], "--lr"),
     (["--embed-lr", "-1e-3"], "--embed-lr"),
     (["--adamw-lr", "nan"], "--embed-lr"),
@@ -235,3 +237,26 @@ def test_overwrite_keeps_the_previous_run_when_the_new_one_is_refused(tmp_path, 
     assert main([*TINY, "--out", str(out), "--overwrite", "--data", str(tmp_path / "missing.txt")]) == 2
     assert main([*TINY, "--out", str(out), "--overwrite", "--data", empty_dir(tmp_path)]) == 2
     assert (out / "checkpoint.pt").read_bytes() == b"the previous run"
+
+
+@pytest.mark.parametrize("env,name", [({"WORLD_SIZE": "2"}, "WORLD_SIZE"), ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+                                      ({"RANK": "-1"}, "RANK"), ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0",
+                                                                 "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK")])
+def test_a_launch_environment_not_from_torchrun_is_refused(tmp_path, capsys, monkeypatch, env, name):
+    """WORLD_SIZE=2 without torchrun would wait for a second process for ever."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "o"
+    assert main([*TINY, "--data", text_file(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train.py: error: {name}: "), err
+    assert not out.exists()
+
+
+def test_bfloat16_on_cpu_trains(tmp_path, capsys):
+    """A documented --dtype: the torch path's backward ran under the autocast dtype and failed."""
+    out = tmp_path / "o"
+    args = [*TINY, "--data", text_file(tmp_path), "--out", str(out), "--steps", "2", "--eval-every", "2",
+            "--sample-tokens", "4", "--threads", "1", "--dtype", "bfloat16"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert summary(capsys.readouterr().out)["status"] == "done"

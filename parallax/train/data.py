@@ -140,7 +140,11 @@ def _build_cached_text(root: Path, names: list[str], cache_dir: Path, tag: str) 
     out = {}
     for split, chosen in (("train", train_names), ("val", val_names)):
         path = folder / f"{split}.u8"
-        if not path.exists():
+        try:
+            cached = path.exists()
+        except OSError as e:  # a name too long, say
+            raise DataError(f"cannot use the data cache {folder}: {e.strerror}", flag="--cache-dir") from None
+        if not cached:
             _atomic_concat(root, chosen, path)
         out[split] = Stream([_memmap(path)])
     info = {"files_train": len(train_names), "files_val": len(val_names), "cache": str(folder)}

@@ -358,16 +358,18 @@ class Run:
     # ------------------------------------------------------------ resume
 
     def restore(self) -> None:
-        """With --resume: load the newest readable checkpoint and cut the log back
-        to it. With --overwrite: delete the previous run's files, now that this
-        run's data and model are known to be usable. Then the temp files a
+        """With --overwrite: delete the previous run's files, now that this run's
+        data and model are known to be usable. With --resume: load the newest
+        readable checkpoint and cut the log back to it. Then the temp files a
         killed run left go."""
         if self.cfg.overwrite and self.main:
             self.dir.discard_previous()
-        if not self.cfg.resume:
-            if self.main:
-                self.dir.discard_stale_temp_files()
-            return
+        if self.cfg.resume:
+            self._resume()
+        if self.main:
+            self.dir.discard_stale_temp_files()
+
+    def _resume(self) -> None:
         try:
             state, path, problems = load_latest_checkpoint(self.dir.path, self.device, STATE_TYPES)
         except CheckpointError as e:
@@ -383,7 +385,6 @@ class Run:
             except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
                 raise ConfigError("--resume", f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
         if self.main:
-            self.dir.discard_stale_temp_files()
             _, set_aside = self.log.rollback(self.step)
             if set_aside:
                 print(f"warning: {self.log.path} held {set_aside} unreadable line(s); moved them to "
@@ -513,15 +514,15 @@ class Run:
         if stop:
             raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME])
         finished = self.step >= cfg.steps
-        sampler = unsharded_copy(self.raw_model) if finished and cfg.sample_tokens > 0 else None  # every rank
+        sample_model = unsharded_copy(self.raw_model) if finished and cfg.sample_tokens > 0 else None  # every rank
         try:
             # Rank 0's own work, after the step's checkpoint: a stop signal ends it at once.
             with stop.at_once():
                 if self.main:
                     plot_losses(self.dir[LOG_NAME], self.dir[PLOT_NAME], baseline=self.unigram / self.bits_per_nat,
                                 title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
-                    if sampler is not None:
-                        self._write_sample(sampler)
+                    if sample_model is not None:
+                        self._write_sample(sample_model)
         except StopNow:
             raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME]) from None
         summary = self.summary(finished)

@@ -27,9 +27,13 @@ def check_paths(cfg: TrainConfig) -> None:
     the --data folder (the stdlib's, by default), or --data is a file of --out's run."""
     data = Path(cfg.data) if cfg.data is not None else stdlib_root()
     out = Path(cfg.out)
-    if cfg.data is not None and not data.exists():
+    try:
+        exists, is_dir = data.exists(), data.is_dir()
+    except OSError as e:  # a name too long, say
+        raise ConfigError("--data", f"cannot use {data}: {e.strerror}") from None
+    if cfg.data is not None and not exists:
         raise ConfigError("--data", f"{data} does not exist")
-    if data.is_dir():
+    if is_dir:
         cache = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
         for flag, path in (("--out", out), ("--cache-dir", cache)):
             if _within(path, data):

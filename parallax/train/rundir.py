@@ -56,7 +56,11 @@ class RunDir:
         cannot be written, another live run holds it, or it holds a previous
         run and neither `resume` nor `overwrite` is set."""
         run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
+        try:
+            is_file = run.path.exists() and not run.path.is_dir()
+        except OSError as e:  # a name too long, say
+            raise ConfigError("--out", f"cannot use {run.path}: {e.strerror}") from None
+        if is_file:
             raise ConfigError("--out", f"{run.path} is a file, not a directory")
         run._make_directories()
         try:

@@ -32,18 +32,13 @@ def run_main(argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def snapshot(root: Path, skip=()) -> dict[str, tuple]:
-    """{relative path: (kind, content or target)} of everything under root, not
-    following links, except paths under `skip`."""
-    skip = [Path(s) for s in skip]
+def snapshot(root: Path) -> dict[str, tuple]:
+    """{relative path: (kind, content or target)} of everything under root, not following links."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if here / d not in skip]
         for name in dirnames + filenames:
             path = here / name
-            if path in skip:
-                continue
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
                 found[str(path.relative_to(root))] = ("link", os.readlink(path))
@@ -58,6 +53,23 @@ def is_run_file(name: str) -> bool:
     """A file train.py writes in --out (its temp files included)."""
     return name in (*RUN_FILES, LOCK_NAME) or any(name.startswith(f + ".") and name.endswith(TEMP_SUFFIX)
                                                   for f in RUN_FILES)
+
+
+def assert_only_its_own_files_changed(root: Path, before: dict, out: Path, cache: Path) -> None:
+    """Everything under root that `before` (a snapshot) holds is unchanged,
+    except the run files in --out; anything new is --out itself (with the
+    folders above it), a run file in it, or under the cache."""
+    after = snapshot(root)
+    real_out, real_cache = out.resolve(), cache.resolve()
+    for name, entry in before.items():
+        path = root / name
+        if path.parent.resolve() == real_out and is_run_file(path.name):
+            continue  # the run's own: replaced, resumed or (--overwrite) removed
+        assert after.get(name) == entry, f"{name} changed"
+    for name in set(after) - set(before):
+        path = (root / name).resolve()
+        assert (path == real_out or path in real_out.parents or real_cache in (path, *path.parents)
+                or path.parent == real_out and is_run_file(path.name)), f"{name} appeared"
 
 
 def one_error_line(code: int, err: str) -> str:
