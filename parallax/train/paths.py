@@ -17,26 +17,16 @@ def _resolved(path: Path) -> Path:
         return path.absolute()
 
 
-def _within(path: Path, folder: Path) -> bool:
-    path, folder = _resolved(path), _resolved(folder)
-    return path == folder or folder in path.parents
-
-
 def check_paths(cfg: TrainConfig) -> None:
     """Raise ConfigError naming the flag when --out or --cache-dir lies inside
-    the --data folder (the stdlib's, by default), or --data is a file of --out's run."""
+    the --data folder (the stdlib's, by default), or --data is a file of --out's
+    run. The flags' own checks (that --data exists, say) have passed."""
     data = Path(cfg.data) if cfg.data is not None else stdlib_root()
     out = Path(cfg.out)
-    try:
-        exists, is_dir = data.exists(), data.is_dir()
-    except OSError as e:  # a name too long, say
-        raise ConfigError("--data", f"cannot use {data}: {e.strerror}") from None
-    if cfg.data is not None and not exists:
-        raise ConfigError("--data", f"{data} does not exist")
-    if is_dir:
+    if data.is_dir():
         cache = Path(cfg.cache_dir) if cfg.cache_dir is not None else default_cache_dir()
         for flag, path in (("--out", out), ("--cache-dir", cache)):
-            if _within(path, data):
+            if _resolved(path).is_relative_to(_resolved(data)):
                 raise ConfigError(flag, f"{path} is inside the data folder {data}: what the run writes there would "
                                         "become training data; choose a folder outside it")
     elif _resolved(data) in {_resolved(out) / name for name in (*RUN_FILES, LOCK_NAME)}:

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 from parallax.train.atomic import TEMP_SUFFIX
-from parallax.train.cli import main
+from parallax.cli import main
 from parallax.train.rundir import LOCK_NAME, RUN_FILES
 
 # A run accepted with these flags trains one step of the tiny model and stops.

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from parallax import parallax_attn, parallax_attn_with_kvcache, parallax_reference, softmax_attention
 from parallax.kernels import blockwise
-from parallax.kernels.reference import visible_keys
+from parallax.kernels.reference import end_aligned_positions, visible_keys
 
 from .budget import budget
 
@@ -65,12 +65,15 @@ def poisoned(c, q, r, k, v):
 
 def mask(c) -> torch.Tensor:
     """Bool [T, S]: query i sees key j (per packed sequence when packed)."""
+    def seen(T, S):
+        return visible_keys(*end_aligned_positions(T, S), causal=c["causal"], window_size=c["window"])
+
     if c["lengths"] is None:
-        return visible_keys(c["T"], c["S"], causal=c["causal"], window_size=c["window"])
+        return seen(c["T"], c["S"])
     out = torch.zeros(c["T"], c["S"], dtype=torch.bool)
     start = 0
     for n in c["lengths"]:
-        out[start:start + n, start:start + n] = visible_keys(n, n, causal=c["causal"], window_size=c["window"])
+        out[start:start + n, start:start + n] = seen(n, n)
         start += n
     return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from parallax.train.cli import build_parser
+from parallax.train.config import build_parser
 
 from .budget import budget, no_hang
 from .runs import QUICK, assert_only_its_own_files_changed, one_error_line, run_main, snapshot, write_corpus
