@@ -29,8 +29,8 @@ def _fail(message: str, status: int) -> int:
 
 
 def _export_paths(cfg: TrainConfig) -> tuple[str, ...]:
-    """What the export directory must keep out of: the run and its data."""
-    return (cfg.out,) if cfg.data is None else (cfg.out, cfg.data)
+    """What the export directory must keep out of: the run, its data and its text cache."""
+    return tuple(path for path in (cfg.out, cfg.data, cfg.cache_dir) if path is not None)
 
 
 def _check_export_dir(cfg: TrainConfig) -> None:

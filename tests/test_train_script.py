@@ -98,7 +98,7 @@ BAD_FLAGS = [
     (["--lr", "nan"], "--lr"),
     (["--lr", "inf"], "--lr"),
     (["--lr", "6e39"], "--lr"),  # the optimizer step itself would overflow float32
-    (["--weight-decay", "1e29", "--lr", "1"], "--weight-decay"),
+    (["--weight-decay", "1e29", "--lr", "100"], "--weight-decay"),  # lr x decay past 1e30
     (["--lr", "fast"], "--lr"),
     (["--embed-lr", "-1e-3"], "--embed-lr"),
     (["--adamw-lr", "nan"], "--embed-lr"),

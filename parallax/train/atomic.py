@@ -9,9 +9,15 @@ from pathlib import Path
 from typing import Callable
 
 # A temp file of `atomic_write(path)` is named `<path's name>.<8 random characters of
-# mkstemp>.parallax.tmp`: `remove_stale_temp_files` deletes exactly such names.
+# mkstemp>.parallax.tmp`: cleanup deletes exactly such names.
 TEMP_SUFFIX = ".parallax.tmp"
-_TEMP_MIDDLE = r"\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX)
+_TEMP_NAME = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+
+def temp_file_target(name: str) -> str | None:
+    """The name of the file that `name` is an `atomic_write` temp file of, or None."""
+    temp = _TEMP_NAME.fullmatch(name)
+    return temp["name"] if temp else None
 
 
 @contextlib.contextmanager
@@ -53,9 +59,9 @@ def remove_stale_temp_files(path: str | os.PathLike) -> None:
     files (a killed process leaves them behind), and nothing else.
     Only call this while no other process can be writing `path`."""
     path = Path(path)
-    pattern = re.compile(re.escape(path.name) + _TEMP_MIDDLE)
     with os.scandir(path.parent) as entries:
-        stale = [entry.path for entry in entries if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False)]
+        stale = [entry.path for entry in entries
+                 if temp_file_target(entry.name) == path.name and entry.is_file(follow_symlinks=False)]
     for name in stale:
         Path(name).unlink(missing_ok=True)
 

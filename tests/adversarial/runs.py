@@ -7,8 +7,9 @@ import os
 import stat
 from pathlib import Path
 
-from parallax.train.atomic import TEMP_SUFFIX
 from parallax.cli import main
+from parallax.hf.export import EXPORT_FILE
+from parallax.train.atomic import TEMP_SUFFIX
 from parallax.train.rundir import LOCK_NAME, RUN_FILES
 
 # A run accepted with these flags trains one step of the tiny model and stops.
@@ -55,12 +56,15 @@ def is_run_file(name: str) -> bool:
                                                   for f in RUN_FILES)
 
 
-def assert_only_its_own_files_changed(root: Path, before: dict, out: Path, cache: Path) -> None:
+def assert_only_its_own_files_changed(root: Path, before: dict, out: Path, cache: Path,
+                                      export: Path | None = None) -> None:
     """Everything under root that `before` (a snapshot) holds is unchanged,
     except the run files in --out; anything new is --out itself (with the
-    folders above it), a run file in it, or under the cache."""
+    folders above it), a run file in it, under the cache, or (with
+    --export-hf) the export folder, the folders above it and an export's files in it."""
     after = snapshot(root)
     real_out, real_cache = out.resolve(), cache.resolve()
+    real_export = export.resolve() if export is not None else None
     for name, entry in before.items():
         path = root / name
         if path.parent.resolve() == real_out and is_run_file(path.name):
@@ -69,7 +73,10 @@ def assert_only_its_own_files_changed(root: Path, before: dict, out: Path, cache
     for name in set(after) - set(before):
         path = (root / name).resolve()
         assert (path == real_out or path in real_out.parents or real_cache in (path, *path.parents)
-                or path.parent == real_out and is_run_file(path.name)), f"{name} appeared"
+                or path.parent == real_out and is_run_file(path.name)
+                or real_export is not None and (path == real_export or path in real_export.parents
+                                                or path.parent == real_export and EXPORT_FILE.fullmatch(path.name))
+                ), f"{name} appeared"
 
 
 def one_error_line(code: int, err: str) -> str:

@@ -1,5 +1,5 @@
-"""train.py on hostile file-system layouts: --out, --cache-dir and --data
-nested in each other or linked to each other; data folders holding FIFOs,
+"""train.py on hostile file-system layouts: --out, --cache-dir, --data and
+--export-hf nested in each other or linked to each other; data folders holding FIFOs,
 links to /dev/zero, dangling links, link loops, non-UTF-8 names and shards
 named for both splits; --out holding the user's files, names like our temp
 files, and run files that are FIFOs, folders or links. Whatever the run does
@@ -22,6 +22,11 @@ ODDITIES = ("fifo", "dev_zero", "dangling", "loop", "latin1_name", "hidden", "bo
             "empty_file", "subfolder_link")
 OUT_PLACES = ("apart", "inside_data", "is_data", "link_to_data", "new_nested", "is_corpus_file")
 CACHE_PLACES = ("apart", "inside_data", "is_out", "inside_out")
+# Where --export-hf goes; every place but "none", "apart" and "empty" overlaps the run, its data or its
+# cache, or holds the user's files, so it is refused before any training.
+EXPORT_PLACES = ("none", "apart", "empty", "is_out", "inside_out", "around_out", "inside_data", "is_cache",
+                 "inside_cache", "user_files", "link_to_out")
+EXPORT_ALLOWED = ("none", "apart", "empty")
 OUT_CONTENTS = ("notes", "temp_lookalikes", "previous_log", "fifo_checkpoint", "folder_log", "link_log_outside",
                 "dangling_summary", "damaged_log")
 MAKES = {"previous_log": "log.jsonl", "folder_log": "log.jsonl", "link_log_outside": "log.jsonl",
@@ -103,7 +108,18 @@ def layout(draw):
                 out=draw(st.sampled_from(OUT_PLACES)), cache=draw(st.sampled_from(CACHE_PLACES)),
                 contents=draw(st.lists(st.sampled_from(OUT_CONTENTS), max_size=2,
                                        unique_by=lambda item: MAKES.get(item, item))),
-                mode=draw(st.sampled_from([[], ["--resume"], ["--overwrite"]])))
+                mode=draw(st.sampled_from([[], ["--resume"], ["--overwrite"]])),
+                export=draw(st.sampled_from(EXPORT_PLACES)))
+
+
+def export_dir(root: Path, data: Path, out: Path, cache: Path, where: str) -> Path | None:
+    if where == "empty":
+        (root / "empty").mkdir()
+    elif where == "link_to_out":
+        os.symlink(out, root / "out_link")
+    return {"none": None, "apart": root / "exports" / "hf", "empty": root / "empty", "is_out": out,
+            "inside_out": out / "hf", "around_out": out.parent, "inside_data": data / "hf", "is_cache": cache,
+            "inside_cache": cache / "hf", "user_files": root / "elsewhere", "link_to_out": root / "out_link"}[where]
 
 
 @budget(25)
@@ -122,14 +138,19 @@ def test_hostile_layout(case):
                 fill_out(root, out, case["contents"])
         cache = {"apart": root / "cache", "inside_data": (data if data.is_dir() else data.parent) / "cache",
                  "is_out": out, "inside_out": out / "cache"}[case["cache"]]
+        export = export_dir(root, data, out, cache, case["export"])
         before = snapshot(root)
+        flags = [*QUICK, "--data", data, "--out", out, "--cache-dir", cache, *case["mode"]]
         with no_hang(120):
-            code, stdout, err = run_main([*QUICK, "--data", data, "--out", out, "--cache-dir", cache, *case["mode"]])
+            code, stdout, err = run_main(flags if export is None else [*flags, "--export-hf", export])
         assert code in (0, 1, 2), (code, err)
         if code:
             one_error_line(code, err)
         else:
-            assert "Traceback" not in err and all(line.startswith("warning: ") for line in err.splitlines()), err
-        assert_only_its_own_files_changed(root, before, out, cache)
+            assert "Traceback" not in err and all(line.startswith(("warning: ", "train.py: exported "))
+                                                  for line in err.splitlines()), err
+        if case["export"] not in EXPORT_ALLOWED:
+            assert code == 2, (case["export"], code, err)
+        assert_only_its_own_files_changed(root, before, out, cache, export)
         if code == 2 and str(out.relative_to(root)) not in before:
             assert not out.exists(), "a refused run left its --out behind"
