@@ -9,7 +9,7 @@ from pathlib import Path
 
 from parallax.cli import main
 from parallax.hf.export import EXPORT_FILE
-from parallax.train.atomic import TEMP_SUFFIX
+from parallax.train.atomic import temp_file_target
 from parallax.train.rundir import LOCK_NAME, RUN_FILES
 
 # A run accepted with these flags trains one step of the tiny model and stops.
@@ -52,8 +52,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 def is_run_file(name: str) -> bool:
     """A file train.py writes in --out (its temp files included)."""
-    return name in (*RUN_FILES, LOCK_NAME) or any(name.startswith(f + ".") and name.endswith(TEMP_SUFFIX)
-                                                  for f in RUN_FILES)
+    return name in (*RUN_FILES, LOCK_NAME) or temp_file_target(name) in RUN_FILES
 
 
 def assert_only_its_own_files_changed(root: Path, before: dict, out: Path, cache: Path,

@@ -84,7 +84,8 @@ def fill_out(root: Path, out: Path, contents):
         if item == "notes":
             (out / "notes.txt").write_text("the user's notes")
         elif item == "temp_lookalikes":
-            for name in ("checkpoint.pt.mine.tmp", "log.jsonl.backup.tmp", "checkpoint.pt.abcdefgh.tmp"):
+            for name in ("checkpoint.pt.mine.tmp", "log.jsonl.backup.tmp", "checkpoint.pt.abcdefgh.tmp",
+                         "checkpoint.pt.mine.parallax.tmp", "log.jsonl.ABCDEFGH.parallax.tmp"):
                 (out / name).write_text("the user's")
         elif item == "previous_log":
             (out / "log.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
