@@ -182,10 +182,11 @@ def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, valid):
         blocks = torch.gather(block_table.long(), 1, pos // bs).clamp(0, k_cache.shape[0] - 1)
         slots = (blocks, pos % bs)
     ok = valid[:, None].expand(B, Tq).flatten()
-    first = ok.int().argmax()  # a valid entry, if there is one
+    first = ok.int().argmax()[None]  # [1]: a valid entry, if there is one (a 0-d index would be read on the host)
     targets = tuple(torch.where(ok, i.flatten(), i.flatten()[first]) for i in slots)
     for cache, new in ((k_cache, k), (v_cache, v)):
-        fallback = torch.where(ok[first], new.flatten(0, 1)[first], cache[tuple(i[first] for i in targets)])
+        fallback = torch.where(ok[first][:, None, None], new.flatten(0, 1)[first],
+                               cache[tuple(i[first] for i in targets)])
         cache[targets] = torch.where(ok[:, None, None], new.flatten(0, 1), fallback)
 
 
