@@ -8,8 +8,9 @@ the run's newest readable checkpoint.
 Every failure prints one line on stderr, never a traceback:
 - status 2: a bad flag, unusable data, --out or --export-hf, or a --resume
   that does not fit the checkpoint; nothing was trained.
-- status 1: a NaN/inf loss, or an output (the export included) that could
-  not be written (a full disk); the newest complete checkpoint is kept.
+- status 1: a NaN/inf loss, an output (the export included) that could not
+  be written (a full disk), or memory that ran out; the newest complete
+  checkpoint is kept.
 - status 128 + N: stopped by signal N (SIGINT 130, SIGTERM 143); after the
   first signal a checkpoint is saved at the end of the current step.
 """
@@ -28,8 +29,8 @@ def _fail(message: str, status: int) -> int:
 
 
 def _export_paths(cfg: TrainConfig) -> tuple[str, ...]:
-    """What the export directory must keep out of: the run and its data."""
-    return (cfg.out,) if cfg.data is None else (cfg.out, cfg.data)
+    """What the export directory must keep out of: the run, its data and its text cache."""
+    return tuple(path for path in (cfg.out, cfg.data, cfg.cache_dir) if path is not None)
 
 
 def _check_export_dir(cfg: TrainConfig) -> None:
@@ -63,9 +64,18 @@ def _export(cfg: TrainConfig) -> int:
     return 0
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def main(argv=None) -> int:
     from .train.loop import NonFiniteLossError, TrainingInterrupted, train
 
+    if hasattr(sys.stdout, "reconfigure"):  # a path that is not UTF-8 is printed escaped, not fatal
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         cfg = parse_config(argv).resolved()  # --out named, so the export can be checked against it
         if cfg.export_hf is not None:
@@ -85,6 +95,11 @@ def main(argv=None) -> int:
         what = e.strerror if getattr(e, "strerror", None) else e
         return _fail(f"cannot write the run's outputs: {where}{what}; the newest complete checkpoint is intact, "
                      "free space (or fix the problem) and continue with --resume", 1)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        return _fail(f"out of memory ({' '.join(str(e).split())[:200]}); the newest complete checkpoint is intact, "
+                     "lower --batch-size or --seq-len (--grad-accum keeps the tokens per step)", 1)
     return 0 if cfg.export_hf is None else _export(cfg)
 
 

@@ -99,6 +99,8 @@ BAD_FLAGS = [
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--lr", "inf"], "--lr"),
+    (["--lr", "6e39"], "--lr"),  # the optimizer step itself would overflow float32
+    (["--weight-decay", "1e29", "--lr", "100"], "--weight-decay"),  # lr x decay past 1e30
     (["--lr", "fast"], "--lr"),
     (["--embed-lr", "-1e-3"], "--embed-lr"),
     (["--adamw-lr", "nan"], "--embed-lr"),
@@ -130,6 +132,10 @@ BAD_FLAGS = [
     (["--device", "cuda:x"], "--device"),
     (["--device", "cuda:99"], "--device"),  # no machine has it
     (["--threads", "0"], "--threads"),
+    (["--threads", "100000"], "--threads"),  # OpenMP would abort (or segfault) starting them
+    (["--threads", str(2**31)], "--threads"),
+    (["--batch-size", str(10**12)], "--batch-size"),
+    (["--device", "cuda:" + "9" * 30], "--device"),
     (["--dtype", "float8"], "--dtype"),
     (["--backend", "cuda"], "--backend"),
     (["--deterministic=no"], "--deterministic"),
@@ -137,6 +143,13 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**63)], "--seed"),
     (["--out", ""], "--out"),
+    (["--data", ""], "--data"),
+    (["--cache-dir", ""], "--cache-dir"),
+    (["--data", lambda t: str(t)], "--out"),  # --out inside the data folder
+    (["--data", lambda t: str(t), "--out", lambda t: str(t / "runs" / "x")], "--out"),
+    (["--data", text_dir, "--cache-dir", lambda t: str(t / "texts" / "cache")], "--cache-dir"),
+    (["--data", lambda t: (t / "run").mkdir() or (t / "run" / "log.jsonl").write_text("x" * 999) and
+      str(t / "run" / "log.jsonl"), "--out", lambda t: str(t / "run"), "--resume"], "--data"),  # its own log
     (["--out", a_file], "--out"),
     (["--out", lambda t: a_file(t) + "/sub"], "--out"),
     (["--resume", "--overwrite"], "--overwrite"),
@@ -160,7 +173,7 @@ def test_every_bad_flag_exits_2_with_one_line_before_training(tmp_path, capsys, 
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"train.py: error: {flag}"), err
     assert "step" not in captured.out  # nothing trained
-    assert not out.exists() or not [p.name for p in out.iterdir()]
+    assert not out.exists()  # nothing written, not even an empty --out
 
 
 def test_every_field_is_one_flag_with_its_default_and_help():
@@ -272,3 +285,26 @@ def test_default_out_takes_the_first_free_name_and_resume_the_newest_run(tmp_pat
         assert TrainConfig(out="mine", resume=resume).resolved().out == "mine"  # an explicit --out is kept
     finally:
         os.chdir(cwd)
+
+
+@pytest.mark.parametrize("env,name", [({"WORLD_SIZE": "2"}, "WORLD_SIZE"), ({"WORLD_SIZE": "two"}, "WORLD_SIZE"),
+                                      ({"RANK": "-1"}, "RANK"), ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0",
+                                                                 "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK")])
+def test_a_launch_environment_not_from_torchrun_is_refused(tmp_path, capsys, monkeypatch, env, name):
+    """WORLD_SIZE=2 without torchrun would wait for a second process for ever."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "o"
+    assert main([*TINY, "--data", text_file(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"train.py: error: {name}: "), err
+    assert not out.exists()
+
+
+def test_bfloat16_on_cpu_trains(tmp_path, capsys):
+    """A documented --dtype: the torch path's backward ran under the autocast dtype and failed."""
+    out = tmp_path / "o"
+    args = [*TINY, "--data", text_file(tmp_path), "--out", str(out), "--steps", "2", "--eval-every", "2",
+            "--sample-tokens", "4", "--threads", "1", "--dtype", "bfloat16"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert summary(capsys.readouterr().out)["status"] == "done"

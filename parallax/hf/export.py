@@ -17,6 +17,7 @@ checkpoint is damaged falls back to the one before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,8 +28,10 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from transformers.utils import logging as hf_logging
+
 from ..models import GPT, GPTConfig
-from ..train.atomic import TEMP_SUFFIX, atomic_write
+from ..train.atomic import atomic_write, temp_file_target
 from ..train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_latest_checkpoint, read_checkpoint
 from .modeling import ParallaxConfig, ParallaxForCausalLM
 
@@ -36,9 +39,7 @@ PROG = "python -m parallax.hf.export"
 # What save_pretrained writes for our model: config, generation config, and the weights (sharded when large).
 EXPORT_FILE = re.compile(r"(config|generation_config)\.json|model(-\d+-of-\d+)?\.safetensors"
                          r"|model\.safetensors\.index\.json")
-# atomic_write's temp files of those, left by an export that was killed.
-EXPORT_TEMP_FILE = re.compile(rf"(?P<name>.+)\.[^.]+{re.escape(TEMP_SUFFIX)}")
-REQUIRED = ("model", "model_config")
+REQUIRED = {"model": dict, "model_config": dict}  # key -> type, as load_latest_checkpoint takes it
 
 
 class ExportError(ValueError):
@@ -52,9 +53,8 @@ class Export(NamedTuple):
 
 
 def _own(name: str) -> bool:
-    """A file an export writes (or a temp file of one)."""
-    temp = EXPORT_TEMP_FILE.fullmatch(name)
-    return EXPORT_FILE.fullmatch(temp["name"] if temp else name) is not None
+    """A file an export writes (or atomic_write's temp file of one, left by an export that was killed)."""
+    return EXPORT_FILE.fullmatch(temp_file_target(name) or name) is not None
 
 
 def _is_export(directory: Path) -> bool:
@@ -71,10 +71,17 @@ def check_export_dir(out_dir: str | os.PathLike, keep_out_of=()) -> Path:
     """The resolved directory an export may write to; ExportError unless it is
     new, empty or holds only a previous export (no other file, no link), and
     neither equals, contains nor lies inside a path of `keep_out_of` (a run's
-    --out, its data, the checkpoint exported)."""
+    --out, its data and cache, the checkpoint exported)."""
     if not str(out_dir).strip():
         raise ExportError("the export directory must be a path, got ''")
-    out = Path(out_dir)
+    try:
+        return _check_export_dir(Path(out_dir), keep_out_of)
+    except (OSError, RuntimeError) as e:  # a name too long, a folder it may not list, a link loop
+        raise ExportError(f"cannot use {getattr(e, 'filename', None) or out_dir}: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+
+
+def _check_export_dir(out: Path, keep_out_of) -> Path:
     target = out.resolve()
     if target.exists() and not target.is_dir():
         raise ExportError(f"{out} is a file, not a directory")
@@ -94,6 +101,17 @@ def check_export_dir(out_dir: str | os.PathLike, keep_out_of=()) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _no_progress_bar():
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_pretrained_gpt(model: GPT, out_dir: str | os.PathLike, keep_out_of=()) -> Path:
     """Write `model` (a parallax GPT) as a ParallaxForCausalLM directory (see the module docstring)."""
     if not isinstance(model, GPT):
@@ -102,7 +120,8 @@ def save_pretrained_gpt(model: GPT, out_dir: str | os.PathLike, keep_out_of=()) 
     hf_model = ParallaxForCausalLM(ParallaxConfig.from_gpt_config(model.config))
     hf_model.transformer.load_state_dict(model.state_dict())
     with tempfile.TemporaryDirectory(prefix="parallax-export-") as staging:
-        hf_model.save_pretrained(staging)
+        with _no_progress_bar():  # the export reports itself in one line
+            hf_model.save_pretrained(staging)
         # config.json first: a folder an interrupted export leaves is still recognised as an export.
         names = sorted(os.listdir(staging), key=lambda name: name != "config.json")
         unknown = [name for name in names if not EXPORT_FILE.fullmatch(name)]
@@ -119,7 +138,11 @@ def save_pretrained_gpt(model: GPT, out_dir: str | os.PathLike, keep_out_of=()) 
 
 
 def _read(checkpoint: Path) -> tuple[dict, Path, list[str]]:
-    if checkpoint.is_dir():
+    try:
+        is_dir, exists = checkpoint.is_dir(), checkpoint.exists()
+    except OSError as e:  # a name too long, say
+        raise ExportError(f"cannot read {checkpoint}: {e.strerror or e}") from None
+    if is_dir:
         try:
             state, path, skipped = load_latest_checkpoint(checkpoint, required=REQUIRED)
         except CheckpointError as e:
@@ -128,7 +151,7 @@ def _read(checkpoint: Path) -> tuple[dict, Path, list[str]]:
             raise ExportError(f"{checkpoint} holds no {CHECKPOINT_NAME} (pass a train.py --out directory or a "
                               "checkpoint file)")
         return state, path, skipped
-    if not checkpoint.is_file():
+    if not exists:
         raise ExportError(f"{checkpoint} does not exist (pass a checkpoint.pt or a train.py --out directory)")
     try:
         state = read_checkpoint(checkpoint)
@@ -141,9 +164,10 @@ def _read(checkpoint: Path) -> tuple[dict, Path, list[str]]:
 
 
 def _model(state: dict, path: Path) -> GPT:
+    wrong = [key for key, kind in REQUIRED.items() if not isinstance(state[key], kind)]
+    if wrong:
+        raise ExportError(f"{path}: {', '.join(wrong)} is not a dict")
     fields = state["model_config"]
-    if not isinstance(fields, dict):
-        raise ExportError(f"{path}: model_config is not a dict")
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(GPTConfig)})
     if unknown:
         raise ExportError(f"{path}: model_config has fields this version of parallax does not know "

@@ -133,6 +133,8 @@ class ParallaxForCausalLM(ParallaxModelMixin, PreTrainedModel, GenerationMixin):
             past_key_values = cache  # transformers 5.24 renamed past_key_values to cache
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
+        elif not isinstance(use_cache, bool):  # 'no' would read as True
+            raise TypeError(f"use_cache must be None or a bool, got {use_cache!r}")
         embeds = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = embeds.shape[:2]
         past = self._past_length(past_key_values if use_cache else None, T)

@@ -10,13 +10,15 @@ import torch.nn.functional as F
 
 from .backend import resolve_backend
 from .blockwise import blockwise_attention
-from .checks import check_cu_seqlens, check_deterministic, check_qkv, check_scale, check_window
+from .checks import check_cu_seqlens, check_deterministic, check_flag, check_qkv, check_scale, check_window, resolve_scale
+from .window import spanning_window
 
 
-def _validate(q, r, k, v, scale, window_size, cu_seqlens, backend, deterministic) -> str:
+def _validate(q, r, k, v, scale, causal, window_size, cu_seqlens, backend, deterministic) -> str:
     """Check every argument; returns the path to take, "triton" or "torch"."""
     check_qkv(q, r, k, v)
     check_scale(scale)
+    check_flag("causal", causal)
     check_window(window_size)
     check_deterministic(deterministic)
     backend = resolve_backend(backend, q)
@@ -70,11 +72,27 @@ def parallax_attn(q, r, k, v, *, scale=None, causal=True, window_size=None, cu_s
     Returns [B, T, HQ, D] in q's dtype; rows that see no key are 0.
     Differentiable in q, r, k and v.
     """
-    path = _validate(q, r, k, v, scale, window_size, cu_seqlens, backend, deterministic)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if r is None:
+        raise TypeError("r must be a torch.Tensor (the probe); for plain softmax attention call softmax_attention")
+    path = _validate(q, r, k, v, scale, causal, window_size, cu_seqlens, backend, deterministic)
+    if q.numel() == 0:  # batch, length or head_dim 0: an empty output
+        return q * 0
+    scale = resolve_scale(scale, q.shape[-1])
+    window_size = spanning_window(window_size, k.shape[1])
     if path == "triton":
         return _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
     return _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens)
+
+
+def _sdpa_agrees(q, k, v, scale) -> bool:
+    """Whether PyTorch SDPA computes what the other paths do. Its causal CPU
+    kernel returns NaN for scale <= 0. Off CUDA it also lets a non-finite
+    value reach rows that do not see it (0 * NaN) and returns 0 for some NaN
+    query rows, so inputs holding one take the exact path; reading them there
+    costs little next to attention (on CUDA it would wait for the device)."""
+    if scale is not None and scale <= 0:
+        return False
+    return q.is_cuda or all(bool(torch.isfinite(x).all()) for x in (q, k, v))
 
 
 def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_seqlens=None, backend=None,
@@ -87,18 +105,19 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window_size=None, cu_
     torch path ("torch"); "triton" always runs the Triton kernel (with a zero
     probe), whose backward `deterministic` chooses as in `parallax_attn`.
     """
-    path = _validate(q, None, k, v, scale, window_size, cu_seqlens, backend, deterministic)
+    path = _validate(q, None, k, v, scale, causal, window_size, cu_seqlens, backend, deterministic)
+    if q.numel() == 0:  # batch, length or head_dim 0: an empty output
+        return q * 0
     T, S = q.shape[1], k.shape[1]
-    # SDPA's causal CPU kernel returns NaN for scale <= 0, so only positive scales take it.
-    sdpa_scale_ok = scale is None or scale > 0
+    window_size = spanning_window(window_size, S)
     sdpa_mask_ok = cu_seqlens is None and window_size is None and S > 0 and (not causal or T == S)
-    if backend != "triton" and sdpa_mask_ok and sdpa_scale_ok:
+    if backend != "triton" and sdpa_mask_ok and _sdpa_agrees(q, k, v, scale):
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
         )
         return o.transpose(1, 2)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = resolve_scale(scale, q.shape[-1])
     if path == "triton":
         return _triton_path(q, None, k, v, scale, causal, window_size, cu_seqlens, deterministic)
     return _torch_path(q, None, k, v, scale, causal, window_size, cu_seqlens)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from .dense import BlockState, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
+from .reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
+from .window import spanning_window
 
 # Rows per block: as many as fill SCORE_BLOCK_ELEMENTS elements of a
 # [B * HQ, rows, keys] score matrix (a few MB, near the L2 cache, and causal
@@ -98,7 +100,8 @@ class _BlockwiseParallax(torch.autograd.Function):
         dtype = compute_dtype(q)
         qs = to_heads(q, HK, dtype, scale)  # q only ever enters as scale * q
         rh = None if r is None else to_heads(r, HK, dtype)
-        kh, vh = (to_heads(x, HK, dtype)[:, 0] for x in (k, v))  # [B * HK, S, D]
+        # [B * HK, S, D], non-finite entries zeroed (`poison_rows` marks the rows that see them)
+        kh, vh = (to_heads(x, HK, dtype)[:, 0].nan_to_num_(0.0, 0.0, 0.0) for x in (k, v))
         blocks, keep = plan(B, T, S, HQ, causal, window_size, qs.element_size())
         out = torch.empty_like(q)
         out_heads = heads_view(out, HK)
@@ -122,6 +125,11 @@ class _BlockwiseParallax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _exact(grad_out):
+            return _BlockwiseParallax._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         qs, rh, kh, vh, out, *kept = ctx.saved_tensors
         scale, causal, window_size, blocks = ctx.args
         B, T, HQ, D = grad_out.shape
@@ -158,6 +166,17 @@ class _BlockwiseParallax(torch.autograd.Function):
         return dq, dr, dk, dv, None, None, None
 
 
+def _exact(x: torch.Tensor):
+    """The torch path computes in float32 (float64 for float64 inputs) and picks
+    its own dtypes: an enclosing autocast region must not lower its matmuls."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def blockwise_attention(q, r, k, v, *, scale: float, causal: bool, window_size: int | None):
     """Exact Parallax (or, with r=None, softmax) attention; inputs already validated."""
-    return _BlockwiseParallax.apply(q, r, k, v, scale, causal, window_size)
+    T, S = q.shape[1], k.shape[1]
+    window_size = spanning_window(window_size, S)
+    with _exact(q):
+        out = _BlockwiseParallax.apply(q, r, k, v, scale, causal, window_size)
+    lo, hi = visible_range(T, S, causal=causal, window_size=window_size, device=q.device)
+    return poison_rows(out, rows_seeing(nonfinite_positions(k, v), lo, hi))

@@ -67,13 +67,29 @@ def check_scale(scale) -> None:
         return
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be None or a number, got {scale!r}")
-    if not math.isfinite(scale):
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
+def resolve_scale(scale, head_dim: int) -> float:
+    """A checked `scale` as a float; None means head_dim ** -0.5 (1 for head_dim 0: nothing to scale)."""
+    if scale is not None:
+        return float(scale)
+    return head_dim ** -0.5 if head_dim else 1.0
+
+
+def check_flag(name: str, value) -> None:
+    """A bool argument: a string such as 'no' would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_deterministic(deterministic) -> None:
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    check_flag("deterministic", deterministic)
 
 
 def check_cu_seqlens(cu_seqlens, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -18,8 +18,9 @@ import torch
 
 from .backend import resolve_backend
 from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
-from .checks import check_same, check_scale, check_tensor, check_window
-from .reference import visible_keys
+from .checks import check_same, check_scale, check_tensor, check_window, resolve_scale
+from .reference import nonfinite_positions, poison_rows, visible_keys
+from .window import spanning_window
 
 
 def _check_lengths(name, x, B, device):
@@ -128,6 +129,8 @@ def _reads_values(check_values, use_triton, cache_seqlens) -> bool:
 
 def _check_values(cache_seqlens, cache_leftpad, block_table, new_tokens, capacity, num_blocks):
     lengths = cache_seqlens.tolist()
+    if not lengths:  # batch 0
+        return
     if min(lengths) < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got {min(lengths)}")
     if max(lengths) + new_tokens > capacity:
@@ -165,28 +168,57 @@ def _logical_cache(cache, block_table, seqlens, leftpad):
     return torch.where(filled[:, :, None, None], cache, torch.zeros((), dtype=cache.dtype, device=cache.device))
 
 
-def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):
+def _valid_sequences(cache_seqlens, block_table, new_tokens: int, capacity: int, num_blocks: int) -> torch.Tensor:
+    """Bool [B], on the device: whether a sequence's length, and every block
+    table entry it uses, is in range (what `_check_values` asks, without a
+    host read: the torch path's contract under check_values=False is the
+    kernel's, NaN rows and no append for the others)."""
+    lengths = cache_seqlens.long()
+    valid = (lengths >= 0) & (lengths + new_tokens <= capacity)
+    if block_table is not None:
+        bs = capacity // block_table.shape[1]
+        used = (lengths.clamp(0, capacity)[:, None] + new_tokens + bs - 1) // bs
+        in_use = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < used
+        valid &= ~(in_use & ((block_table < 0) | (block_table >= num_blocks))).any(1)
+    return valid
+
+
+def _append(k_cache, v_cache, k, v, cache_seqlens, block_table, valid):
+    """Write k, v at cache_seqlens in place, for the `valid` sequences only.
+
+    The entries of the others write what the first valid entry writes, to
+    its slot (with none valid, a slot's own value back): never outside the
+    cache, and never racing a valid write."""
     B, Tq = k.shape[:2]
-    pos = cache_seqlens.long()[:, None] + torch.arange(Tq, device=k.device)  # [B, Tq]
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    pos = (cache_seqlens.long()[:, None] + torch.arange(Tq, device=k.device)).clamp(0, capacity - 1)  # [B, Tq]
     if block_table is None:
-        rows = torch.arange(B, device=k.device)[:, None].expand(B, Tq)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
+        slots = (torch.arange(B, device=k.device)[:, None].expand(B, Tq), pos)
     else:
         bs = k_cache.shape[1]
-        blocks = torch.gather(block_table.long(), 1, pos // bs)
-        k_cache[blocks, pos % bs] = k
-        v_cache[blocks, pos % bs] = v
+        blocks = torch.gather(block_table.long(), 1, pos // bs).clamp(0, k_cache.shape[0] - 1)
+        slots = (blocks, pos % bs)
+    ok = valid[:, None].expand(B, Tq).flatten()
+    first = ok.int().argmax()[None]  # [1]: a valid entry, if there is one (a 0-d index would be read on the host)
+    targets = tuple(torch.where(ok, i.flatten(), i.flatten()[first]) for i in slots)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        fallback = torch.where(ok[first][:, None, None], new.flatten(0, 1)[first],
+                               cache[tuple(i[first] for i in targets)])
+        cache[targets] = torch.where(ok[:, None, None], new.flatten(0, 1), fallback)
 
 
-def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size, leftpad=None):
+def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale, window_size, leftpad=None,
+                            valid=None):
     """Dense float32 attention of q, r against the cached keys in [leftpad, seqlens)
     of each sequence, in chunks of query rows so a long prefill through the
-    cache keeps its score blocks near SCORE_BLOCK_ELEMENTS."""
+    cache keeps its score blocks near SCORE_BLOCK_ELEMENTS. Sequences not
+    `valid` [B] (default: all) get NaN rows."""
     B, Tq, HQ, D = q.shape
     dtype = compute_dtype(q)
     K = _logical_cache(k_cache, block_table, seqlens, leftpad).to(dtype)
     V = _logical_cache(v_cache, block_table, seqlens, leftpad).to(dtype)
+    bad = nonfinite_positions(K, V)  # [B, S, HK]; zeroed below, `poison_rows` marks the rows that see them
+    K, V = K.nan_to_num_(0.0, 0.0, 0.0), V.nan_to_num_(0.0, 0.0, 0.0)
     HK = K.shape[2]
     qg = q.to(dtype).view(B, Tq, HK, HQ // HK, D)
     rg = r.to(dtype).view(B, Tq, HK, HQ // HK, D)
@@ -201,8 +233,12 @@ def kvcache_attention_torch(q, r, k_cache, v_cache, seqlens, block_table, scale,
             visible &= key_pos >= leftpad.long()[:, None, None]
         p, s2, sbar = parallax_weights(qg[:, t0:t1], rg[:, t0:t1], K, visible[:, None, None], scale)
         w = p * (1.0 + sbar - s2)
-        out.append(torch.einsum("bkgts,bskd->btkgd", w, V))
-    return torch.cat(out, dim=1).reshape(B, Tq, HQ, D).to(q.dtype)
+        o = torch.einsum("bkgts,bskd->btkgd", w, V).reshape(B, t1 - t0, HQ, D)
+        sees_bad = (visible[..., None] & bad[:, None]).any(2)
+        if valid is not None:
+            sees_bad |= ~valid[:, None, None]
+        out.append(poison_rows(o, sees_bad))
+    return torch.cat(out, dim=1).to(q.dtype)
 
 
 def parallax_attn_with_kvcache(
@@ -248,16 +284,19 @@ def parallax_attn_with_kvcache(
     if _reads_values(check_values, use_triton, cache_seqlens):
         _check_values(cache_seqlens, cache_leftpad, block_table, q.shape[1] if k is not None else 0, capacity,
                       k_cache.shape[0])
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0:  # batch or head_dim 0: an empty output (and nothing to append)
+        return q * 0
+    scale = resolve_scale(scale, q.shape[-1])
+    window_size = spanning_window(window_size, capacity + q.shape[1])
     if use_triton:
         from .triton_decode import triton_decode  # lazy: the torch path works without triton
 
         # The kernel appends k, v itself, in the same launch.
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, k=k, v=v, scale=scale,
                              window_size=window_size, cache_leftpad=cache_leftpad)
-    new_tokens = 0
+    new_tokens = 0 if k is None else q.shape[1]
+    valid = _valid_sequences(cache_seqlens, block_table, new_tokens, capacity, k_cache.shape[0])
     if k is not None:
-        _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
-        new_tokens = q.shape[1]
+        _append(k_cache, v_cache, k, v, cache_seqlens, block_table, valid)
     return kvcache_attention_torch(q, r, k_cache, v_cache, cache_seqlens + new_tokens, block_table, scale,
-                                   window_size, cache_leftpad)
+                                   window_size, cache_leftpad, valid)

@@ -80,6 +80,14 @@ def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
     scores = tl.dot(qr, tl.trans(k), input_precision=DOT_PRECISION)
     s1, s2 = tl.split(tl.permute(tl.reshape(scores, (PAIRS, 2, BLOCK)), (0, 2, 1)))
     s1 = tl.where(visible, s1 * qk_scale_log2, float("-inf"))
+    # A key or value some rows do not see must not reach them through a zero
+    # weight (0 * NaN): zero it, and make NaN the rows that do see a non-finite value.
+    s2 = tl.where(visible, s2, 0.0)
+    v_finite = (v == v) & (tl.abs(v) != float("inf"))
+    v = tl.where(v_finite, v, 0.0)
+    bad_key = tl.max(tl.where(v_finite, 0, 1), 1)
+    sees_bad = tl.max(tl.where(visible & (bad_key[None, :] > 0), 1, 0), 1)
+    sees_bad_rows = tl.reshape(tl.join(sees_bad, sees_bad), (2 * PAIRS,))
     m_new = tl.maximum(m, tl.max(s1, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
     alpha = tl.math.exp2(m - m_safe)
@@ -88,7 +96,7 @@ def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
     alpha_rows = tl.reshape(tl.join(alpha, alpha), (2 * PAIRS,))
     d = d * alpha_rows + tl.sum(p, 1)
     acc = acc * alpha_rows[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, d, acc
+    return m_new, d, tl.where(sees_bad_rows[:, None] > 0, float("nan"), acc)
 
 
 @triton.jit

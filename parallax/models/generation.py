@@ -38,7 +38,11 @@ def sample_next(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / sampling.temperature
+    # Shifted to a maximum of 0 first, so a tiny temperature (1e-40) scales the
+    # others to -inf instead of every logit to +-inf (and softmax to NaN); it
+    # must not round to 0 in the logits' dtype either.
+    temperature = max(float(sampling.temperature), torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if sampling.top_k is not None:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,7 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, n_embd] of tokens idx [B, T]."""
+        check_token_ids("idx", idx, self.config.vocab_size)
         if idx.ndim != 2:
             raise ValueError(f"idx must be [batch, seq], got shape {tuple(idx.shape)}")
         past = 0 if caches is None else int(caches[0].seqlens.max())
@@ -125,6 +127,10 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored.
         """
+        if targets is not None:
+            check_token_ids("targets", targets, self.config.vocab_size, ignore_index=-1, dtypes=(torch.int64,))
+            if isinstance(idx, torch.Tensor) and targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
         logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
@@ -153,7 +159,7 @@ class GPT(nn.Module):
         next call with the same batch size, cache size and sampling settings,
         until `free_generation_graphs()`.
         """
-        _check_generate_args(idx, max_new_tokens, temperature, top_k, self.config.vocab_size)
+        _check_generate_args(idx, max_new_tokens, temperature, top_k, use_cache, self.config.vocab_size)
         device = self.lm_head.weight.device
         _check_generator(generator, device)
         if cuda_graph is None:
@@ -194,22 +200,43 @@ class GPT(nn.Module):
         return idx
 
 
-def _check_generate_args(idx, max_new_tokens, temperature, top_k, vocab_size: int) -> None:
-    if not isinstance(idx, torch.Tensor):
-        raise TypeError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"idx must be an int64 or int32 tensor of token ids, got dtype {idx.dtype}")
+def check_token_ids(name: str, ids, vocab_size: int, *, ignore_index: int | None = None,
+                    dtypes=(torch.int64, torch.int32), read_values: bool | None = None) -> None:
+    """A tensor of token ids in [0, vocab_size) (or `ignore_index`). By default
+    the values are read on CPU only: elsewhere reading them would wait for the
+    device, and an id out of range there stops at the embedding's own device assert."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+    if ids.dtype not in dtypes:
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be an {kinds} tensor of token ids, got dtype {ids.dtype}")
+    if read_values is None:
+        read_values = ids.device.type == "cpu" and not torch.compiler.is_compiling()
+    if not read_values or ids.numel() == 0:
+        return
+    valid = (ids >= 0) & (ids < vocab_size)
+    if ignore_index is not None:
+        valid |= ids == ignore_index
+    if not bool(valid.all()):
+        bad = int(ids[~valid][0])
+        allowed = f"[0, {vocab_size})" + (f" or {ignore_index}" if ignore_index is not None else "")
+        raise ValueError(f"{name} must hold token ids in {allowed}, got {bad}")
+
+
+def _check_generate_args(idx, max_new_tokens, temperature, top_k, use_cache, vocab_size: int) -> None:
+    check_token_ids("idx", idx, vocab_size, read_values=True)  # generation waits for the device anyway
     if idx.ndim != 2 or idx.shape[0] < 1 or idx.shape[1] < 1:
         raise ValueError(f"idx must be a non-empty prompt of shape [batch, seq] (batch, seq >= 1), "
                          f"got shape {tuple(idx.shape)}")
-    if int(idx.min()) < 0 or int(idx.max()) >= vocab_size:
-        raise ValueError(f"idx must hold token ids in [0, {vocab_size}), got ids in [{int(idx.min())}, {int(idx.max())}]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not 0 <= temperature <= sys.float_info.max):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
 
 
 def _check_generator(generator, device: torch.device) -> None:

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..kernels.attention import parallax_attn, softmax_attention
 from ..kernels.backend import check_backend
-from ..kernels.checks import check_deterministic, check_scale, check_window
+from ..kernels.checks import check_cu_seqlens, check_deterministic, check_flag, check_scale, check_window
 from ..kernels.decode import parallax_attn_with_kvcache
 from .cache import KVCache
 from .rope import RotaryEmbedding, apply_rope, packed_positions
@@ -39,6 +39,9 @@ class ParallaxAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
         if dim < 1:
@@ -53,6 +56,8 @@ class ParallaxAttention(nn.Module):
         check_scale(scale)
         check_backend(backend)
         check_deterministic(deterministic)
+        check_flag("qk_norm", qk_norm)
+        check_flag("bias", bias)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.kind, self.window_size, self.scale = kind, window_size, scale
         self.backend, self.deterministic = backend, deterministic
@@ -122,8 +127,13 @@ class ParallaxAttention(nn.Module):
         cache's tokens, restarting per packed sequence, or 0 .. T - 1.
         rope: (cos, sin) broadcastable to [B, T, H, head_dim / 2] to rotate q, k and r with instead of the
         layer's own RoPE (a host model's scaled RoPE, see `parallax.hf`)."""
-        if x.ndim != 3:
-            raise ValueError(f"x must have 3 dims [batch, seq, dim], got shape {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        dim = self.q_proj.in_features
+        if x.ndim != 3 or x.shape[-1] != dim:
+            raise ValueError(f"x must have shape [batch, seq, {dim}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if cache is not None and cu_seqlens is not None:
             raise ValueError("cache and cu_seqlens cannot be used together")
         B, T, _ = x.shape
@@ -134,6 +144,7 @@ class ParallaxAttention(nn.Module):
         k = self._heads(self.k_proj, x, self.num_kv_heads, self.k_norm)
         v = self._heads(self.v_proj, x, self.num_kv_heads, None)
         r = None if self.r_proj is None else self._heads(self.r_proj, x, self.num_heads, self.r_norm)
+        check_cu_seqlens(cu_seqlens, q, k)  # before the packed positions of RoPE read it
 
         if rope is not None:
             cos, sin = rope

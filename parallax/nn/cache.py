@@ -16,6 +16,10 @@ class KVCache:
 
     def __init__(self, batch_size: int, max_seqlen: int, num_kv_heads: int, head_dim: int, *,
                  dtype=torch.float32, device=None):
+        for name, value, low in (("batch_size", batch_size, 0), ("max_seqlen", max_seqlen, 0),
+                                 ("num_kv_heads", num_kv_heads, 1), ("head_dim", head_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         shape = (batch_size, max_seqlen, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

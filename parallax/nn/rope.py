@@ -1,7 +1,7 @@
 """Rotary position embedding (rotate-half form), computed in float32."""
 from __future__ import annotations
 
-import math
+import sys
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be even and >= 2 for rotary embeddings, got {head_dim!r}")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta <= sys.float_info.max:
             raise ValueError(f"rope_theta must be a finite number > 0, got {theta!r}")
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta = head_dim, float(theta)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self) -> torch.Tensor:

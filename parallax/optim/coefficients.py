@@ -29,14 +29,18 @@ POLAR_EXPRESS_COEFFICIENTS = tuple(
 ) + (_POLAR_EXPRESS_LIMIT,)
 
 
+# Far past convergence (a few dozen steps at most), and a schedule is a list of this length.
+MAX_STEPS = 10_000
+
+
 def coefficient_schedule(coefficients, steps):
     """Return `steps` (a, b, c) tuples.
 
     `coefficients` is one (a, b, c) tuple, repeated every step, or a sequence of
     tuples, one per step, whose last entry repeats once the sequence runs out.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
     coefficients = tuple(coefficients)
     if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
         coefficients = (coefficients,)

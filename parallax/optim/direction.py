@@ -4,6 +4,8 @@ which options, which orthogonalizer and step count (`DirectionPlan`)."""
 import dataclasses
 from typing import NamedTuple
 
+import torch
+
 from .muon_update import momentum_step
 from .options import PolarOptions, check_group, muon_defaults, pick
 from .rules import UPDATE_RULES
@@ -19,6 +21,8 @@ class DirectionPlan(NamedTuple):
     step: int
 
     def direction(self, M):
+        if M.numel() == 0:  # an empty matrix (or batch) has an empty direction under every rule
+            return torch.zeros_like(M)
         return self.rule.direction(M, self.options, self.polar.polar, self.step)
 
     def finish(self, direction, state):

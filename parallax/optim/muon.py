@@ -1,6 +1,7 @@
 """The Muon optimizers: one step for Muon matrices and AdamW parameters, on one
 process, under data parallelism (a process group) or FSDP2 (DTensor parameters)."""
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ from .options import (
     AdamWOptions,
     MuonOptions,
     PolarOptions,
+    check_adamw,
     check_group,
     muon_defaults,
     normalize_group,
@@ -102,6 +104,15 @@ class _Matrix(NamedTuple):
     matrix: torch.Tensor
 
 
+def _differs(value, default) -> bool:
+    """Whether an argument was set away from its default; a value that does not
+    compare to one bool (a tensor) counts as set, and the group checks name it."""
+    try:
+        return bool(value != default)
+    except (RuntimeError, TypeError, ValueError):
+        return True
+
+
 class MuonWithAdamW(Optimizer):
     """Muon for the groups with use_muon=True, AdamW for those with use_muon=False.
 
@@ -150,6 +161,9 @@ class MuonWithAdamW(Optimizer):
         comm_dtype=None,
         **rule_options,
     ):
+        if isinstance(param_groups, torch.Tensor) or not isinstance(param_groups, Iterable):
+            raise TypeError(f"params must be an iterable of parameters or param-group dicts, "
+                            f"got {type(param_groups).__name__}")
         validate_process_group(process_group, comm_dtype)
         defaults = muon_defaults()
         for name in rule_options:
@@ -159,7 +173,7 @@ class MuonWithAdamW(Optimizer):
                  "eps": eps, "compile": compile, "layer_aware_steps": layer_aware_steps,
                  "max_ns_steps": max_ns_steps, "spectrum_every": spectrum_every}
         # Set away from their defaults: some Muon group must read each (checked below).
-        chosen = {name: value for name, value in {**polar, **rule_options}.items() if value != defaults[name]}
+        chosen = {name: value for name, value in {**polar, **rule_options}.items() if _differs(value, defaults[name])}
         defaults.update(polar)
         defaults.update(rule_options)
         defaults.update(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
@@ -167,9 +181,9 @@ class MuonWithAdamW(Optimizer):
         self.process_group = process_group
         self.comm_dtype = comm_dtype
         self.adamw_foreach = adamw_foreach
+        check_adamw(adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, prefix="adamw_")  # with no AdamW group too
         self._adamw_defaults = {"lr": adamw_lr, "betas": tuple(adamw_betas), "eps": adamw_eps,
                                 "weight_decay": adamw_weight_decay}
-        AdamWOptions(**self._adamw_defaults)  # checked even when no AdamW group exists yet
         self._owners_cache = {}
         super().__init__(param_groups, defaults)
         muon_groups = [group for group in self.param_groups if group["use_muon"]]
@@ -334,7 +348,9 @@ class MuonWithAdamW(Optimizer):
             batches.setdefault((tuple(matrix.shape[-2:]), matrix.dtype, matrix.device, plans[plan_key]), []).append(key)
         directions = {}
         for (_, _, _, plan), keys in batches.items():
-            stack = [matrices[key].matrix.reshape(-1, *matrices[key].matrix.shape[-2:]) for key in keys]
+            # [k, m, n] per matrix (reshape(-1, ...) cannot size an empty one)
+            stack = [matrices[key].matrix.reshape(-1, *matrices[key].matrix.shape[-2:]) if matrices[key].matrix.ndim > 2
+                     else matrices[key].matrix[None] for key in keys]
             if len(stack) == 1:
                 outputs = [plan.direction(matrices[keys[0]].matrix)]
             else:
@@ -370,8 +386,8 @@ class MuonWithAdamW(Optimizer):
         beta1, beta2 = group["betas"]
         # torch's own AdamW kernels (foreach on CUDA by default): the same bits as torch.optim.AdamW.
         adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=self.adamw_foreach, amsgrad=False,
-              beta1=beta1, beta2=beta2, lr=as_scalar(group["lr"]), weight_decay=group["weight_decay"],
-              eps=group["eps"], maximize=False)
+              beta1=beta1, beta2=beta2, lr=as_scalar(group["lr"]), weight_decay=float(group["weight_decay"]),
+              eps=float(group["eps"]), maximize=False)
 
     # ------------------------------------------------------------ checkpoints
 

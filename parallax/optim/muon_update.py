@@ -40,7 +40,7 @@ def adjust_lr(lr, adjust_lr_fn, shape, flatten=False):
     rows, cols = matrix_shape(shape, flatten)
     lr = as_scalar(lr)
     if adjust_lr_fn is None or adjust_lr_fn == "original":
-        return lr * math.sqrt(max(1, rows / cols))
+        return lr * math.sqrt(max(1, rows / max(1, cols)))  # an empty matrix (cols 0) has nothing to scale
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}")

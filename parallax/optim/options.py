@@ -107,13 +107,18 @@ class AdamWOptions:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        check_learning_rate(self.lr)
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
-        check_unit_interval("betas[0]", self.betas[0])
-        check_unit_interval("betas[1]", self.betas[1])
-        check_positive("eps", self.eps)
-        check_at_least("weight_decay", self.weight_decay, 0.0)
+        check_adamw(self.lr, self.betas, self.eps, self.weight_decay)
+
+
+def check_adamw(lr, betas, eps, weight_decay, prefix=""):
+    """AdamW's options, named `prefix` + field (the optimizer's arguments are adamw_*)."""
+    check_learning_rate(lr, prefix + "lr")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{prefix}betas must be a pair (beta1, beta2), got {betas!r}")
+    check_unit_interval(f"{prefix}betas[0]", betas[0])
+    check_unit_interval(f"{prefix}betas[1]", betas[1])
+    check_positive(prefix + "eps", eps)
+    check_at_least(prefix + "weight_decay", weight_decay, 0.0)
 
 
 def names(options_class):

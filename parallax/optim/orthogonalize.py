@@ -2,10 +2,12 @@
 approximation of it) that Muon applies to every momentum matrix."""
 
 import functools
+import sys
 
 import torch
 
 from .coefficients import (
+    MAX_STEPS,
     NEWTON_SCHULZ_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
     POLAR_EXPRESS_SAFETY,
@@ -65,17 +67,22 @@ def orthogonalize(
         raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
     if method not in ORTHOGONALIZERS:
         raise ValueError(f"method must be one of {ORTHOGONALIZERS}, got {method!r}")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS}], got {steps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= sys.float_info.max:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    eps = float(eps)  # an int past int64 would not reach torch
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"compute_dtype must be None or a floating-point torch.dtype, got {compute_dtype!r}")
+    if G.numel() == 0:  # an empty matrix (or batch) has an empty polar factor
+        return torch.zeros_like(G)
 
     # Iterate on the wide orientation so X X^T is the smaller Gram matrix.
     transposed = G.size(-2) > G.size(-1)
     X = G.mT if transposed else G
     batch_shape = X.shape[:-2]
     if X.ndim > 3:
-        X = X.reshape(-1, *X.shape[-2:])
+        X = X.flatten(0, -3)
 
     if method == "svd":
         O = _svd_polar(X)

@@ -1,5 +1,6 @@
 """Checks of optimizer hyper-parameters; each error names the argument."""
 
+import math
 import numbers
 
 import torch
@@ -8,6 +9,12 @@ import torch
 def check_number(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_at_least(name, value, low):

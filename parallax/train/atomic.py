@@ -3,11 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
-TEMP_SUFFIX = ".tmp"
+# A temp file of `atomic_write(path)` is named `<path's name>.<8 random characters of
+# mkstemp>.parallax.tmp`: cleanup deletes exactly such names.
+TEMP_SUFFIX = ".parallax.tmp"
+_TEMP_NAME = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+
+
+def temp_file_target(name: str) -> str | None:
+    """The name of the file that `name` is an `atomic_write` temp file of, or None."""
+    temp = _TEMP_NAME.fullmatch(name)
+    return temp["name"] if temp else None
 
 
 @contextlib.contextmanager
@@ -45,11 +55,15 @@ def atomic_write(path: str | os.PathLike, *, verify: Callable[[Path], None] | No
 
 
 def remove_stale_temp_files(path: str | os.PathLike) -> None:
-    """Delete temp files `atomic_write(path)` left behind when its process was killed.
+    """Delete the regular files named as `atomic_write(path)` names its temp
+    files (a killed process leaves them behind), and nothing else.
     Only call this while no other process can be writing `path`."""
     path = Path(path)
-    for stale in path.parent.glob(path.name + ".*" + TEMP_SUFFIX):
-        stale.unlink(missing_ok=True)
+    with os.scandir(path.parent) as entries:
+        stale = [entry.path for entry in entries
+                 if temp_file_target(entry.name) == path.name and entry.is_file(follow_symlinks=False)]
+    for name in stale:
+        Path(name).unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -83,6 +83,8 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     not: a flipped byte would load silently). Raises CheckpointError naming the
     problem for a missing, truncated, corrupt or foreign file."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise CheckpointError(f"{path} is not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -109,12 +111,15 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
 
 
 def load_latest_checkpoint(out_dir: str | os.PathLike, map_location="cpu",
-                           required: tuple[str, ...] = ()) -> tuple[dict | None, Path | None, list[str]]:
+                           required: dict[str, type | tuple[type, ...]] | None = None,
+                           ) -> tuple[dict | None, Path | None, list[str]]:
     """The newest readable checkpoint of a run: (state, path, problems).
 
-    Tries checkpoint.pt, then checkpoint.prev.pt; `problems` says why a newer
-    one was skipped. (None, None, []) when the directory holds neither; raises
-    CheckpointError when some exist but none is readable.
+    Tries checkpoint.pt, then checkpoint.prev.pt; one that lacks a key of
+    `required`, or holds a value not of its type there, is not readable.
+    `problems` says why a newer one was skipped. (None, None, []) when the
+    directory holds neither; raises CheckpointError when some exist but none
+    is readable.
     """
     problems = []
     for name in (CHECKPOINT_NAME, PREVIOUS_NAME):
@@ -123,9 +128,13 @@ def load_latest_checkpoint(out_dir: str | os.PathLike, map_location="cpu",
             continue
         try:
             state = read_checkpoint(path, map_location)
-            missing = [key for key in required if key not in state]
+            missing = [key for key in required or {} if key not in state]
             if missing:
                 raise CheckpointError(f"{path} lacks {', '.join(missing)}")
+            wrong = [key for key, kind in (required or {}).items()
+                     if not isinstance(state[key], kind) or isinstance(state[key], bool)]
+            if wrong:
+                raise CheckpointError(f"{path} holds a {', '.join(wrong)} of the wrong type")
             return state, path, problems
         except CheckpointError as e:
             problems.append(str(e))

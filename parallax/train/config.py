@@ -42,6 +42,11 @@ PRESET_DEFAULTS = {
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RUNS = Path("runs")  # where runs go without --out
 MAX_SEED = 2**63 - 1
+MAX_THREADS = 1024  # OpenMP aborts the process when it cannot start them all
+MAX_BATCH_SIZE = 2**24  # sequences per micro-batch: far past any memory (larger ones overflowed before a check)
+# Learning rates (and lr x weight decay) up to this keep every update factor within float32 (3.4e38; AdamW's
+# first step is 10 x lr); beyond it the optimizer step itself fails instead of the loss turning NaN.
+MAX_RATE = 1e30
 
 Check = Callable[[object, "TrainConfig"], "str | None"]
 
@@ -107,8 +112,17 @@ def matches_attention(value, cfg):
         return "only applies to --attention softmax (it widens the softmax model to the Parallax parameter count)"
 
 
+def names_data(value, cfg):
+    if not (isinstance(value, str) and value.strip()) or "\0" in value:
+        return f"must be a path, got {value!r} (leave --data out for the standard library's sources)"
+
+
 def exists(value, cfg):
-    if not Path(value).exists():
+    try:
+        found = Path(value).exists()
+    except OSError as e:  # a name too long, say
+        return f"cannot use {value}: {e.strerror}"
+    if not found:
         return f"{value} does not exist"
 
 
@@ -124,8 +138,13 @@ def is_device(value, cfg):
 
 
 def is_path(value, cfg):
-    if not (isinstance(value, str) and value.strip()):
+    if not (isinstance(value, str) and value.strip()) or "\0" in value:
         return "must be a directory path"
+
+
+def decay_fits(value, cfg):
+    if cfg.matrix_lr * value > MAX_RATE:
+        return f"times the lr ({cfg.matrix_lr:g}) must be at most {MAX_RATE:g}, got {value:g}"
 
 
 def not_with_resume(value, cfg):
@@ -153,18 +172,19 @@ class TrainConfig:
     parameter_matched: bool = flag(False, "model", "widen a softmax model's MLP to the Parallax model's parameter "
                                    "count", matches_attention)
     data: str | None = flag(None, "data", "text file, directory of text files, or directory of uint16 train/val .bin "
-                            "shards (default: the Python standard library's sources, no download)", exists)
+                            "shards (default: the Python standard library's sources, no download)", names_data, exists)
     cache_dir: str | None = flag(None, "data", "where text corpora are cached (default: $PARALLAX_CACHE or "
-                                 "~/.cache/parallax)")
+                                 "~/.cache/parallax)", is_path)
     vocab_size: int | None = flag(None, "data", ".bin shards: vocabulary size (default: max token + 1, rounded up "
                                   "to 64)", count(1), at_most(65536, "65536 (uint16 tokens)"))
     optimizer: str = flag("muon", "optimisation", f"{' or '.join(OPTIMIZERS)} (Muon: hidden matrices; AdamW: "
                           "embeddings, lm_head, gains)", one_of(OPTIMIZERS, "optimizer"))
     lr: float | None = flag(None, "optimisation", "lr of hidden matrices (default: 0.03 Muon, 3e-3 AdamW)",
-                            number(0, low_open=True))
+                            number(0, MAX_RATE, low_open=True))
     embed_lr: float = flag(3e-3, "optimisation", "AdamW lr of embeddings, lm_head and gains",
-                           number(0, low_open=True), aliases=("--adamw-lr",))
-    weight_decay: float = flag(0.0, "optimisation", "decoupled weight decay of hidden matrices", number(0))
+                           number(0, MAX_RATE, low_open=True), aliases=("--adamw-lr",))
+    weight_decay: float = flag(0.0, "optimisation", "decoupled weight decay of hidden matrices", number(0, MAX_RATE),
+                               decay_fits)
     momentum: float = flag(0.95, "optimisation", "Muon momentum", number(0, 1, high_open=True))
     grad_clip: float = flag(1.0, "optimisation", "max gradient norm (0: off)", number(0))
     schedule: str = flag("wsd", "optimisation", f"{', '.join(SCHEDULES)} (all with linear warmup)",
@@ -172,7 +192,7 @@ class TrainConfig:
     warmup: int = flag(30, "optimisation", "warmup steps", count(0))
     cooldown: float = flag(0.3, "optimisation", "wsd: fraction of steps in the final decay", number(0, 1))
     min_lr_ratio: float = flag(0.0, "optimisation", "final lr / peak lr", number(0, 1))
-    batch_size: int = flag(32, "run", "sequences per step per process", count(1))
+    batch_size: int = flag(32, "run", "sequences per step per process", count(1), at_most(MAX_BATCH_SIZE, "2**24"))
     seq_len: int | None = flag(None, "run", "tokens per sequence, at most the model's block_size (default: the "
                                "preset's, " + ", ".join(f"{m} {v['seq_len']}" for m, v in PRESET_DEFAULTS.items())
                                + ")", count(1), fits_block)
@@ -187,7 +207,8 @@ class TrainConfig:
     sample_tokens: int = flag(300, "run", "tokens of the final text sample", count(0))
     progress: bool = flag(True, "run", "show the progress bar")
     device: str = flag("auto", "system", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps", is_device)
-    threads: int | None = flag(None, "system", "torch CPU threads (default: torch's choice)", count(1))
+    threads: int | None = flag(None, "system", "torch CPU threads (default: torch's choice)", count(1),
+                               at_most(MAX_THREADS, str(MAX_THREADS)))
     dtype: str = flag("auto", "system", f"{', '.join(DTYPES)} (auto: bf16 autocast on GPU, fp32 on CPU)",
                       one_of(DTYPES, "dtype"))
     backend: str | None = flag(None, "system", "attention backend: torch or triton (default: Triton on CUDA, torch "

@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
 NANOGPT_SHARD_MAGIC = 20240520  # modded-nanogpt/llm.c shard header: 256 int32, tokens follow
 _CHUNK = 1 << 22
 SCAN_LIMIT = 1 << 28  # tokens per split read for the unigram baseline and the vocab size
+SHARD_WORDS = {"train": {"train"}, "val": {"val", "valid", "validation"}}  # see `shard_split`
 
 
 class DataError(ConfigError):
@@ -80,9 +83,13 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "parallax"
 
 
+def _split_hash(name: str) -> bytes:
+    # surrogateescape: a file name that is not UTF-8 hashes as its raw bytes.
+    return hashlib.sha256(f"{SPLIT_SEED}:{name}".encode("utf-8", "surrogateescape")).digest()
+
+
 def _is_val(name: str) -> bool:
-    digest = hashlib.sha256(f"{SPLIT_SEED}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64 < VAL_FRACTION
+    return int.from_bytes(_split_hash(name)[:8], "big") / 2 ** 64 < VAL_FRACTION
 
 
 def split_files(names: list[str]) -> tuple[list[str], list[str]]:
@@ -96,7 +103,7 @@ def split_files(names: list[str]) -> tuple[list[str], list[str]]:
     train = [n for n in names if not _is_val(n)]
     if len(names) >= 2 and (not val or not train):
         src, dst = (train, val) if not val else (val, train)
-        mover = min(src, key=lambda n: hashlib.sha256(f"{SPLIT_SEED}:{n}".encode()).digest())
+        mover = min(src, key=_split_hash)
         src.remove(mover)
         dst.append(mover)
     return sorted(train), sorted(val)
@@ -133,16 +140,24 @@ def _build_cached_text(root: Path, names: list[str], cache_dir: Path, tag: str) 
     out = {}
     for split, chosen in (("train", train_names), ("val", val_names)):
         path = folder / f"{split}.u8"
-        if not path.exists():
+        try:
+            cached = path.exists()
+        except OSError as e:  # a name too long, say
+            raise DataError(f"cannot use the data cache {folder}: {e.strerror}", flag="--cache-dir") from None
+        if not cached:
             _atomic_concat(root, chosen, path)
         out[split] = Stream([_memmap(path)])
     info = {"files_train": len(train_names), "files_val": len(val_names), "cache": str(folder)}
     return out["train"], out["val"], info
 
 
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> tuple[Path, list[str]]:
     """The standard library's *.py files (no site-packages, no test dirs), sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root()
     names = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
@@ -160,12 +175,29 @@ def stdlib_dataset(cache_dir: Path | None = None) -> Dataset:
     return Dataset(train, val, 256, True, f"Python {sys.version.split()[0]} standard library sources", info)
 
 
+def _regular_file(path: Path) -> Path:
+    """`path`, if it is a regular file (or a link to one): a FIFO would block
+    the read and a device such as /dev/zero never end it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is not a regular file (a FIFO, socket or device); move it out of the data")
+    return path
+
+
 def _text_files(root: Path) -> list[str]:
+    """The non-hidden files under root (links to directories are not followed), sorted."""
+    def unreadable(e: OSError):  # os.walk would skip the directory silently
+        raise DataError(f"cannot read {e.filename}: {e.strerror}")
+
     names = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
-        names.extend((rel / f).as_posix() for f in filenames if not f.startswith("."))
+        names.extend((rel / f).as_posix() for f in filenames
+                     if not f.startswith(".") and _regular_file(Path(dirpath) / f))
     return sorted(names)
 
 
@@ -205,11 +237,25 @@ def _max_token(streams: list[Stream]) -> int:
     return max((int(c.max()) for stream in streams for c in _chunks(stream) if len(c)), default=0)
 
 
+def shard_split(name: str) -> str | None:
+    """'train' or 'val' for a .bin shard's file name, by the words of its stem
+    (split at '_', '-' and '.', any case): the word train makes a train shard,
+    val, valid or validation a val shard. None when neither or both appear."""
+    words = set(re.split(r"[_.-]", name.removesuffix(".bin").lower()))
+    found = [split for split, marks in SHARD_WORDS.items() if words & marks]
+    return found[0] if len(found) == 1 else None
+
+
 def _bin_dataset(files: list[Path], where: Path, vocab_size: int | None) -> Dataset:
-    train = [f for f in files if "train" in f.name]
-    val = [f for f in files if "val" in f.name]
+    for f in files:
+        if shard_split(f.name) is None:
+            raise DataError(f"{f}: cannot tell whether this shard is train or val data; its name must hold exactly "
+                            "one of the words train, val (words are separated by _ - .), e.g. fineweb_train_000001.bin")
+        _regular_file(f)
+    train = [f for f in files if shard_split(f.name) == "train"]
+    val = [f for f in files if shard_split(f.name) == "val"]
     if not train or not val:
-        raise DataError(f"{where}: .bin shards must include train and val files (names containing 'train' / 'val')")
+        raise DataError(f"{where}: .bin shards must include train and val files (e.g. train.bin and val.bin)")
     tr, va = Stream([_shard_array(f) for f in train]), Stream([_shard_array(f) for f in val])
     top = _max_token([tr, va])
     if vocab_size is None:
@@ -244,7 +290,8 @@ def _load_dataset(path, cache: Path, vocab_size: int | None) -> Dataset:
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p} does not exist")
-    if p.is_file():
+    if not p.is_dir():
+        _regular_file(p)
         if p.suffix == ".bin":
             raise DataError(f"{p}: pass the directory holding the train/val .bin shards")
         if vocab_size is not None:
@@ -254,7 +301,7 @@ def _load_dataset(path, cache: Path, vocab_size: int | None) -> Dataset:
         if len(val) < 2:
             raise DataError(f"{p} is too small to split into train and val")
         return Dataset(train, val, 256, True, f"text file {p}", {"bytes": len(train) + len(val)})
-    bins = sorted(f for f in p.iterdir() if f.suffix == ".bin" and f.is_file())
+    bins = sorted(f for f in p.iterdir() if f.suffix == ".bin" and not f.is_dir())
     if bins:
         return _bin_dataset(bins, p, vocab_size)
     if vocab_size is not None:

@@ -35,16 +35,17 @@ from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, check_token_ids, eval_windows, load_dataset, unigram_bits
 from .estimate import describe_bytes, describe_seconds, estimate, free_memory
 from .fsdp import full_model_state, full_optimizer_state, load_model_state, shard_model, unsharded_copy, whole
-from .interrupt import StopRequest, stop_on_signals
+from .interrupt import StopNow, StopRequest, stop_on_signals
+from .paths import check_paths
 from .plot import plot_losses
 from .progress import ProgressBar
 from .rundir import LOG_NAME, PLOT_NAME, SAMPLE_NAME, SUMMARY_NAME, RunDir
 from .runlog import RunLog
 from .schedule import LRSchedule, build_scheduler
 
-# Keys every training checkpoint holds (a file without them is not one of ours).
-STATE_KEYS = ("step", "tokens", "elapsed", "model", "optimizer", "scheduler", "sampler", "rng", "model_config",
-              "train_config")
+# What every training checkpoint holds (a file without it is not one of ours).
+STATE_TYPES = {"step": int, "tokens": int, "elapsed": (int, float), "model": dict, "optimizer": dict,
+               "scheduler": dict, "sampler": dict, "rng": dict, "model_config": dict, "train_config": dict}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +78,10 @@ def _device(cfg: TrainConfig, local_rank: int, world: int) -> torch.device:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:  # an index past what torch parses
+            raise ConfigError("--device", f"{cfg.device} does not exist") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("--device", "CUDA was requested but is not available")
@@ -90,12 +94,36 @@ def _device(cfg: TrainConfig, local_rank: int, world: int) -> torch.device:
     return device
 
 
+def _launch() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the environment torchrun sets;
+    ConfigError naming the variable when it is malformed or incomplete."""
+    def number(name: str, default: str, low: int) -> int:
+        value = os.environ.get(name, default)
+        try:
+            n = int(value)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise ConfigError(name, f"must be an integer >= {low}, got {value!r}")
+        return n
+
+    world = number("WORLD_SIZE", "1", 1)
+    if world > 1:
+        missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ConfigError("WORLD_SIZE", f"is {world} but {', '.join(missing)} is not set; launch several "
+                                            "processes with torchrun (see docs/training.md), or unset WORLD_SIZE")
+    rank = number("RANK", "0", 0)
+    if rank >= world:
+        raise ConfigError("RANK", f"must be below WORLD_SIZE {world}, got {rank}")
+    return rank, number("LOCAL_RANK", "0", 0), world
+
+
 @contextlib.contextmanager
 def _distributed(cfg: TrainConfig):
     """(rank, world_size, device); joins the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")), world)
+    rank, local_rank, world = _launch()
+    device = _device(cfg, local_rank, world)
     joined = False
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -241,6 +269,7 @@ def train(cfg: TrainConfig, *, loss_hook=None, eval_hook=None, stdout=None) -> d
     every case the newest complete checkpoint is kept for `resume`.
     """
     cfg = cfg.resolved().validate()
+    check_paths(cfg)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_torch_threads(cfg.threads))
         rank, world, device = stack.enter_context(_distributed(cfg))
@@ -347,16 +376,20 @@ class Run:
     # ------------------------------------------------------------ resume
 
     def restore(self) -> None:
-        """With --resume: load the newest readable checkpoint and cut the log back
-        to it (unless the run already finished, see `finished_summary`). With
-        --overwrite: delete the previous run's files, now that this run's data
-        and model are known to be usable."""
+        """With --overwrite: delete the previous run's files, now that this run's
+        data and model are known to be usable. With --resume: load the newest
+        readable checkpoint and cut the log back to it (unless the run already
+        finished, see `finished_summary`). Then the temp files a killed run left go."""
         if self.cfg.overwrite and self.main:
             self.dir.discard_previous()
-        if not self.cfg.resume:
-            return
+        if self.cfg.resume:
+            self._resume()
+        if self.main:
+            self.dir.discard_stale_temp_files()
+
+    def _resume(self) -> None:
         try:
-            state, path, problems = load_latest_checkpoint(self.dir.path, self.device, STATE_KEYS)
+            state, path, problems = load_latest_checkpoint(self.dir.path, self.device, STATE_TYPES)
         except CheckpointError as e:
             raise ConfigError("--resume", f"{e}; start afresh with --overwrite") from None
         for problem in problems:
@@ -367,12 +400,15 @@ class Run:
             self._check_resumable(state, path)
             try:
                 self.load_state_dict(state)
-            except (KeyError, ValueError, RuntimeError) as e:
+            except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError) as e:
                 raise ConfigError("--resume", f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
         if self.finished_summary() is not None:
             return  # train() says so; the run's files stay as they are
         if self.main:
-            self.log.rollback(self.step)
+            _, set_aside = self.log.rollback(self.step)
+            if set_aside:
+                print(f"warning: {self.log.path} held {set_aside} unreadable line(s); moved them to "
+                      f"{self.log.unreadable_path} and kept every readable record", file=sys.stderr, flush=True)
         if state is not None:
             self.say(f"resumed from {path} at step {self.step}")
 
@@ -544,12 +580,18 @@ class Run:
             self._evaluate()
         if stop:
             raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME])
-        if self.main:
-            plot_losses(self.dir[LOG_NAME], self.dir[PLOT_NAME], baseline=self.unigram / self.bits_per_nat,
-                        title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
         finished = self.step >= cfg.steps
-        if finished and cfg.sample_tokens > 0:
-            self._write_sample()
+        sample_model = unsharded_copy(self.raw_model) if finished and cfg.sample_tokens > 0 else None  # every rank
+        try:
+            # Rank 0's own work, after the step's checkpoint: a stop signal ends it at once.
+            with stop.at_once():
+                if self.main:
+                    plot_losses(self.dir[LOG_NAME], self.dir[PLOT_NAME], baseline=self.unigram / self.bits_per_nat,
+                                title=f"{cfg.model} {cfg.attention} {cfg.optimizer}")
+                    if sample_model is not None:
+                        self._write_sample(sample_model)
+        except StopNow:
+            raise TrainingInterrupted(stop.signum, self.step, self.dir[CHECKPOINT_NAME]) from None
         summary = self.summary(finished)
         if self.main:
             with atomic_write(self.dir[SUMMARY_NAME]) as f:
@@ -557,11 +599,7 @@ class Run:
             self.say(format_summary(summary))
         return summary
 
-    def _write_sample(self) -> None:
-        """Called on every rank; rank 0 generates and writes."""
-        model = unsharded_copy(self.raw_model)  # every rank
-        if not self.main:
-            return
+    def _write_sample(self, model: GPT) -> None:
         cfg, ds = self.cfg, self.ds
         prompt_len = min(32, self.raw_model.config.block_size // 2, len(ds.val))
         prompt = torch.from_numpy(ds.val.read(0, 0, prompt_len)).to(self.device)[None]

@@ -21,8 +21,7 @@ def plot_losses(log_path: str | Path, png_path: str | Path, *, title: str = "", 
     except ImportError:
         return None
     records = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in records if r.get("kind") == "val"]
+    train, val = _points(records, "train", "loss"), _points(records, "val", "val_loss")
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
         steps, losses = zip(*train)
@@ -46,3 +45,16 @@ def plot_losses(log_path: str | Path, png_path: str | Path, *, title: str = "", 
         fig.savefig(f, format="png")
     plt.close(fig)
     return png_path
+
+
+def _points(records: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of the records of `kind`; a value that is not a float-sized number is skipped."""
+    points = []
+    for r in records:
+        value = r.get(key)
+        if r.get("kind") == kind and isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                points.append((r["step"], float(value)))
+            except OverflowError:
+                continue
+    return points

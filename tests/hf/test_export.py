@@ -27,7 +27,7 @@ OWN = {"config.json", "generation_config.json", "model.safetensors"}
 
 
 def snapshot(root: Path) -> dict:
-    """Every path under root: a file's bytes' hash, a link's target, or 'dir'."""
+    """Every path under root: a file's bytes' hash, a link's target, 'dir' or 'other' (a FIFO)."""
     state = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
@@ -35,6 +35,8 @@ def snapshot(root: Path) -> dict:
             state[key] = "-> " + os.readlink(path)
         elif path.is_dir():
             state[key] = "dir"
+        elif not path.is_file():
+            state[key] = "other"
         else:
             state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
@@ -94,7 +96,7 @@ def test_re_export_replaces_only_its_own_files_and_drops_stale_ones(tmp_path):
     out = tmp_path / "hf"
     assert export_main([str(tmp_path / "a"), str(out)]) == 0
     (out / "model-00001-of-00002.safetensors").write_bytes(b"a shard of an older, bigger export")
-    (out / "config.json.x1y2z3.tmp").write_bytes(b"left by a killed export")
+    (out / "config.json.x1y2z3ab.parallax.tmp").write_bytes(b"left by a killed export")
     assert export_main([str(tmp_path / "b"), str(out)]) == 0
     assert {p.name for p in out.iterdir()} == OWN and same_logits(out, second)
 
@@ -139,8 +141,30 @@ def no_model(tmp_path):
     return save_checkpoint({"step": 1}, tmp_path / "optimizer_only.pt")
 
 
+def weights_not_a_dict(tmp_path):
+    torch.save({"model": [1.0], "model_config": trained_like().config.to_dict(), "step": 1}, tmp_path / "odd.pt")
+    return tmp_path / "odd.pt"
+
+
+def a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "checkpoint.pt")  # reading it would block
+    return tmp_path / "checkpoint.pt"
+
+
+def a_run_with_a_fifo(tmp_path):
+    (tmp_path / "run").mkdir()
+    os.mkfifo(tmp_path / "run" / "checkpoint.pt")
+    return tmp_path / "run"
+
+
+def a_name_too_long(tmp_path):
+    return tmp_path / ("x" * 300)
+
+
 @pytest.mark.parametrize("make,message", [(not_a_checkpoint, "cannot be read"), (unknown_fields, "moe_experts"),
-                                          (wrong_weights, "do not fit"), (no_model, "not a train.py checkpoint")])
+                                          (wrong_weights, "do not fit"), (no_model, "not a train.py checkpoint"),
+                                          (weights_not_a_dict, "model is not a dict"), (a_fifo, "not a regular file"), (a_run_with_a_fifo, "not a regular file"),
+                                          (a_name_too_long, "File name too long")])
 def test_a_file_that_cannot_be_exported_is_one_line_not_a_traceback(tmp_path, capsys, make, message):
     source = make(tmp_path)
     before = snapshot(tmp_path)
@@ -270,6 +294,25 @@ def test_train_exports_its_final_checkpoint_there(layout, capsys, name, where, o
     gpt = GPT(GPTConfig(**state["model_config"]))
     gpt.load_state_dict(state["model"])
     assert same_logits(Path(target), gpt)
+
+
+def test_an_export_directory_it_cannot_use_is_one_line(layout, capsys):
+    link_loop = layout / "loop"
+    link_loop.symlink_to(link_loop)
+    for target in (layout / ("x" * 300), link_loop / "hf"):
+        before = snapshot(layout)
+        assert export_main([str(layout / "run"), str(target)]) == 2
+        assert "cannot use" in one_error_line(capsys, "python -m parallax.hf.export")
+        assert snapshot(layout) == before
+
+
+def test_train_refuses_an_export_in_its_cache(layout, capsys, one_thread):
+    cache = layout / "cache"
+    for target in (cache, cache / "hf"):
+        before = snapshot(layout)
+        assert train_main([*train_flags(layout, target), "--cache-dir", str(cache)]) == 2
+        assert one_error_line(capsys, "train.py").startswith("train.py: error: --export-hf: ")
+        assert snapshot(layout) == before
 
 
 def test_train_refuses_an_empty_export_path_as_a_flag(tmp_path, capsys):

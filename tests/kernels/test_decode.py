@@ -421,14 +421,15 @@ def test_bad_input_raises_and_leaves_cache_untouched(backend, name, change, erro
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf - inf
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", [1, 3, "torch path"])
 @pytest.mark.parametrize("paged", [False, True])
 def test_kernel_guards_itself_when_values_are_not_checked(paged, num_splits):
     """What the kernel does with values nobody checked (the default for CUDA
     tensors): a length below 0 or past the capacity, or a block table entry
     out of range where the sequence reads or appends, gives NaN rows and no
     append for that sequence, touching nothing outside the cache; valid
-    sequences of the same call are exact and appended."""
+    sequences of the same call are exact and appended. The torch path does
+    the same under check_values=False (it wrote at index -1)."""
     gen = torch.Generator().manual_seed(5)
     S, HQ, HK, D, Tq, block_size = 64, 2, 1, 16, 2, 16
     lengths = [-1, 63, 30, 48, 10]  # bad, overflow, (paged: block 0 bad, append block bad), valid
@@ -442,8 +443,12 @@ def test_kernel_guards_itself_when_values_are_not_checked(paged, num_splits):
         table[2, 0], table[3, 3] = 99, -5
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    out = triton_decode(q, r, k_cache, v_cache, seqlens, table, k=k_new, v=v_new, scale=0.25, window_size=None,
-                        num_splits=num_splits)
+    if num_splits == "torch path":
+        out = parallax_attn_with_kvcache(q, r, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
+                                         block_table=table, scale=0.25, backend="torch", check_values=False)
+    else:
+        out = triton_decode(q, r, k_cache, v_cache, seqlens, table, k=k_new, v=v_new, scale=0.25, window_size=None,
+                            num_splits=num_splits)
 
     good = [b for b in range(len(lengths)) if b not in bad]
     assert out[bad].isnan().all() and not out[good].isnan().any()

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parallax.kernels import parallax_attn, parallax_reference
+from parallax.kernels import parallax_attn, parallax_reference, softmax_attention
 from parallax.kernels.op import attn_bwd, attn_fwd
 from parallax.kernels.triton_parallel import heavy_first
 
@@ -160,9 +160,9 @@ def test_deterministic_flag_type():
 
 
 def test_no_probe_is_softmax_attention():
+    """softmax_attention's Triton path: the kernel with a zero probe."""
     (q, _, k, v), grad_out = _inputs(1, 37, 37, 4, 2, 16, torch.float32)
-    got = _output_and_grads(lambda *x: parallax_attn(*x[:1], None, *x[1:], backend="triton", window_size=17),
-                            (q, k, v), grad_out)
+    got = _output_and_grads(lambda *x: softmax_attention(*x, window_size=17, backend="triton"), (q, k, v), grad_out)
     ref = _output_and_grads(lambda *x: parallax_reference(x[0], torch.zeros_like(x[0]), *x[1:], window_size=17),
                             [x.double() for x in (q, k, v)], grad_out)
     for g, e in zip(got, ref):

@@ -174,7 +174,7 @@ def test_bad_arguments():
         ParallaxAttention(30, HEADS)
     with pytest.raises(ValueError, match="head_dim must be even"):
         ParallaxAttention(DIM, HEADS, head_dim=7)
-    with pytest.raises(ValueError, match=r"x must have 3 dims"):
+    with pytest.raises(ValueError, match=rf"x must have shape \[batch, seq, {DIM}\], got \(4, {DIM}\)"):
         ParallaxAttention(DIM, HEADS)(torch.randn(4, DIM))
 
 

@@ -1,11 +1,13 @@
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from parallax.train.data import (
-    NANOGPT_SHARD_MAGIC, BatchSampler, DataError, eval_windows, load_dataset, split_files, stdlib_files, unigram_bits,
+    NANOGPT_SHARD_MAGIC, BatchSampler, DataError, eval_windows, load_dataset, shard_split, split_files, stdlib_files,
+    unigram_bits,
 )
 
 
@@ -125,3 +127,66 @@ def test_unigram_bits_and_eval_windows(tmp_path):
     assert all(o + 17 <= len(ds.val) for _, o in windows)
     assert windows[0][1] == 0 and windows[-1][1] == len(ds.val) - 17
     assert math.isfinite(unigram_bits(ds))
+
+
+@pytest.mark.parametrize("name,split", [
+    ("train.bin", "train"), ("val.bin", "val"), ("fineweb_train_000001.bin", "train"),
+    ("fineweb_val_000000.bin", "val"), ("retrieval_train.bin", "train"), ("TinyStories-valid.bin", "val"),
+    ("wiki.validation.bin", "val"), ("trainval.bin", None), ("train_val.bin", None), ("retrieval.bin", None),
+    ("interval_train.bin", "train"), ("evaluate.bin", None), ("training.bin", None),
+])
+def test_shard_split_is_by_whole_words(name, split):
+    assert shard_split(name) == split
+
+
+@pytest.mark.parametrize("bad", ["trainval.bin", "train_val.bin", "tokenizer.bin"])
+def test_a_shard_in_both_splits_or_neither_is_refused(tmp_path, bad):
+    for name in ("retrieval_train.bin", "retrieval_val.bin", bad):
+        np.arange(100, dtype=np.uint16).tofile(tmp_path / name)
+    with pytest.raises(DataError, match=rf"{bad}: cannot tell whether this shard is train or val"):
+        load_dataset(tmp_path)
+    (tmp_path / bad).unlink()
+    ds = load_dataset(tmp_path)
+    assert ds.info == {"shards_train": 1, "shards_val": 1}  # retrieval_train.bin is not val data
+
+
+def test_file_names_that_are_not_utf8(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i, name in enumerate([b"caf\xe9.txt", b"\xff\xfe.txt", b"plain.txt"]):
+        with open(bytes(folder) + b"/" + name, "wb") as f:
+            f.write(b"text %d\n" % i * 50)
+    ds = load_dataset(folder, cache_dir=tmp_path / "cache")
+    assert len(ds.train) + len(ds.val) == 3 * (len(b"text 0\n") * 50 + 1)
+
+
+def fifo(path):
+    os.mkfifo(path)
+
+
+def dev_zero(path):
+    os.symlink("/dev/zero", path)
+
+
+def dangling(path):
+    os.symlink(path.parent / "nowhere", path)
+
+
+@pytest.mark.parametrize("make", [fifo, dev_zero, dangling])
+@pytest.mark.parametrize("layout", ["text", "shards", "itself"])
+def test_data_that_is_no_regular_file_is_refused_not_read(tmp_path, make, layout):
+    """A FIFO would block the read forever and /dev/zero never end it (filling the cache's disk)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if layout == "text":
+        (folder / "a.txt").write_text("text\n" * 100)
+        odd = folder / "b.txt"
+    elif layout == "shards":
+        np.arange(100, dtype=np.uint16).tofile(folder / "train.bin")
+        odd = folder / "val.bin"
+    else:
+        odd = folder / "corpus.txt"
+    make(odd)
+    with pytest.raises(DataError, match=rf"{odd.name}"):
+        load_dataset(odd if layout == "itself" else folder, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.u8"))

@@ -167,3 +167,66 @@ def test_sigint_finishes_the_step_saves_and_exits_130(corpus, tmp_path, expected
     assert signal.getsignal(signal.SIGINT) is handler_before  # restored
     monkeypatch.undo()
     resume_and_check(corpus, out, expected_loss, capsys)
+
+
+def test_out_of_memory_exits_1_with_one_line(corpus, tmp_path, capsys, monkeypatch):
+    def no_memory(step, loss):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    from parallax.train import loop
+
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda cfg: real_train(cfg, loss_hook=no_memory))
+    out = tmp_path / "new" / "run"
+    assert main(flags(corpus, out)) == 1
+    line = one_error_line(capsys)
+    assert line.startswith("train.py: error: out of memory (CUDA out of memory.") and "--batch-size" in line
+    assert not (tmp_path / "new").exists()  # nothing was written: the folders the run made are gone
+
+
+def test_a_stop_signal_during_the_final_sample_ends_the_run_at_once(corpus, tmp_path, capsys, monkeypatch):
+    """The last step's checkpoint is saved before the sample: nothing is lost by not finishing it."""
+    from parallax.models import GPT
+
+    real_generate = GPT.generate
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_generate(self, idx, 10**9, **kwargs)  # would run for hours
+
+    monkeypatch.setattr(GPT, "generate", generate)
+    out = tmp_path / "run"
+    assert main([*flags(corpus, out), "--sample-tokens", "5"]) == 143
+    assert one_error_line(capsys) == (f"train.py: stopped by SIGTERM at step {STEPS}; saved {out / 'checkpoint.pt'}; "
+                                      "continue with --resume")
+    assert not (out / "sample.txt").exists() and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert main([*flags(corpus, out), "--sample-tokens", "5", "--resume"]) == 0
+    assert (out / "sample.txt").exists() and (out / "summary.json").exists()
+
+
+def test_damaged_log_lines_are_set_aside_with_a_warning(corpus, tmp_path, expected_loss, capsys):
+    out = tmp_path / "run"
+    assert main(flags(corpus, out, "--stop-after", "6")) == 0
+    lines = (out / "log.jsonl").read_bytes().splitlines(keepends=True)
+    damage = [b"\n", b"garbage\n", b'{"kind": "train", "step": "three"}\n']
+    (out / "log.jsonl").write_bytes(b"".join(lines[:2] + damage + lines[2:]))
+    capsys.readouterr()
+    assert main(flags(corpus, out, "--resume")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "2 unreadable line(s)" in err[0]
+    assert (out / "log.jsonl.unreadable").read_bytes() == b"".join(damage[1:])
+    assert final_loss(out) == expected_loss
+    assert [r["step"] for r in read_log(out / "log.jsonl") if r["kind"] == "train"] == list(range(1, STEPS + 1))
+
+
+def test_a_checkpoint_holding_values_of_the_wrong_type_is_not_read(corpus, tmp_path, expected_loss, capsys):
+    out = tmp_path / "run"
+    assert main(flags(corpus, out, "--stop-after", "10")) == 0
+    state = checkpoint_module.load_checkpoint(out / "checkpoint.pt")
+    state["train_config"] = ["not", "a", "dict"]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(flags(corpus, out, "--resume")) == 0
+    assert "holds a train_config of the wrong type" in capsys.readouterr().out  # resumed from the one before
+    assert final_loss(out) == expected_loss

@@ -104,11 +104,13 @@ def test_load_latest_falls_back_and_reports_why(tmp_path):
     save_checkpoint({"step": 1, "w": torch.ones(3)}, tmp_path / "checkpoint.pt")
     save_checkpoint({"step": 2, "w": torch.ones(3)}, tmp_path / "checkpoint.pt",
                     keep_previous=tmp_path / "checkpoint.prev.pt")
-    state, path, problems = ckpt_mod.load_latest_checkpoint(tmp_path, required=("step", "w"))
+    state, path, problems = ckpt_mod.load_latest_checkpoint(tmp_path, required={"step": int, "w": torch.Tensor})
     assert state["step"] == 2 and path.name == "checkpoint.pt" and problems == []
     (tmp_path / "checkpoint.pt").write_bytes((tmp_path / "checkpoint.pt").read_bytes()[:100])
     state, path, problems = ckpt_mod.load_latest_checkpoint(tmp_path)
     assert state["step"] == 1 and path.name == "checkpoint.prev.pt" and "checkpoint.pt cannot be read" in problems[0]
     with pytest.raises(ckpt_mod.CheckpointError, match="no readable checkpoint.*lacks optimizer"):
-        ckpt_mod.load_latest_checkpoint(tmp_path, required=("optimizer",))
+        ckpt_mod.load_latest_checkpoint(tmp_path, required={"optimizer": dict})
+    with pytest.raises(ckpt_mod.CheckpointError, match="no readable checkpoint.*holds a w of the wrong type"):
+        ckpt_mod.load_latest_checkpoint(tmp_path, required={"w": dict})
     assert ckpt_mod.load_latest_checkpoint(tmp_path / "empty") == (None, None, [])
