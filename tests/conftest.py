@@ -32,6 +32,11 @@ def traceable_empty(monkeypatch):
     """torch.empty and torch.empty_like as they are: torch.compile cannot trace the NaN-filling wrappers."""
     monkeypatch.setattr(torch, "empty", torch._C._VariableFunctions.empty)
     monkeypatch.setattr(torch, "empty_like", torch._C._VariableFunctions.empty_like)
+    # Dynamo maps torch's functions to its handlers once, by identity: a map made
+    # while the wrappers were installed lacks these two, so make it again.
+    from torch._dynamo import trace_rules
+
+    trace_rules.clear_lru_cache()
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
+
 
 @torch.library.custom_op("parallax::attn_fwd", mutates_args=())
 def attn_fwd(
@@ -76,6 +78,17 @@ attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def parallax_triton(q, r, k, v, scale: float, causal: bool, window_size: int | None, cu_seqlens,
                     deterministic: bool = True):
     """Parallax attention through the custom op; r=None gives softmax attention
-    (a zero probe, at Parallax cost)."""
+    (a zero probe, at Parallax cost).
+
+    The kernels see keys and values with non-finite entries zeroed, and the
+    rows that see one are made NaN afterwards: a key a row does not see then
+    cannot reach it through a zero weight (0 * NaN), and the kernels' loops
+    stay free of per-element checks (a few elementwise passes over K and V
+    instead, with no read back to the host)."""
     probe = torch.zeros_like(q) if r is None else r
-    return attn_fwd(q, probe, k, v, scale, causal, window_size, cu_seqlens, deterministic)[0]
+    bad = nonfinite_positions(k, v)
+    k, v = (x.masked_fill(bad[..., None], 0.0) for x in (k, v))
+    out = attn_fwd(q, probe, k, v, scale, causal, window_size, cu_seqlens, deterministic)[0]
+    lo, hi = visible_range(q.shape[1], k.shape[1], causal=causal, window_size=window_size, device=q.device,
+                           cu_seqlens=cu_seqlens)
+    return poison_rows(out, rows_seeing(bad, lo, hi))

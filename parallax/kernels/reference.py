@@ -43,12 +43,20 @@ def end_aligned_positions(T: int, S: int, device=None) -> tuple[torch.Tensor, to
     return torch.arange(T, device=device)[:, None] + (S - T), torch.arange(S, device=device)[None, :]
 
 
-def visible_range(T: int, S: int, *, causal: bool, window_size: int | None, device=None):
+def visible_range(T: int, S: int, *, causal: bool, window_size: int | None, device=None, cu_seqlens=None):
     """The row form of `visible_keys` for end-aligned queries: (lo, hi), int64
-    [T] each; query i sees exactly the keys lo[i] <= j < hi[i] (none when lo[i] >= hi[i])."""
-    query_pos = end_aligned_positions(T, S, device)[0][:, 0]
-    hi = (query_pos + 1).clamp(0, S) if causal else torch.full_like(query_pos, S)
-    lo = (query_pos - window_size + 1).clamp(0, S) if window_size is not None else torch.zeros_like(query_pos)
+    [T] each; query i sees exactly the keys lo[i] <= j < hi[i] (none when lo[i] >= hi[i]).
+    With cu_seqlens (packed sequences, T == S), each token's range stays within its sequence."""
+    if cu_seqlens is None:
+        query_pos = end_aligned_positions(T, S, device)[0][:, 0]
+        first, end = torch.zeros_like(query_pos), torch.full_like(query_pos, S)
+    else:
+        query_pos = torch.arange(T, device=device)
+        bounds = cu_seqlens.long()
+        sequence = torch.searchsorted(bounds[1:], query_pos, right=True).clamp(max=len(bounds) - 2)
+        first, end = bounds[sequence], bounds[sequence + 1]
+    hi = torch.minimum(query_pos + 1, end) if causal else end
+    lo = torch.maximum(query_pos - window_size + 1, first) if window_size is not None else first
     return lo, torch.maximum(lo, hi)
 
 

@@ -44,11 +44,6 @@ ROW_BLOCK_ELEMENTS = 4096
 
 
 @triton.jit
-def _finite_or_zero(x):
-    return tl.where((x == x) & (tl.abs(x) != float("inf")), x, 0.0)
-
-
-@triton.jit
 def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     """delta = <dO, o> and dmu = <dO, mu> per (token, head), stored as [B, HQ, T]."""
@@ -57,10 +52,8 @@ def _row_dots_kernel(do, o, mu, delta, dmu, rows, T, HQ,
     mask = (offs[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
     ptrs = offs[:, None] * HEAD_DIM + offs_d[None, :]
     grad = tl.load(do + ptrs, mask=mask, other=0.0).to(tl.float32)
-    # Rows made NaN by a non-finite key or value they see get finite statistics:
-    # the tiles multiply them by zero weights at the keys those rows do not see.
-    out = _finite_or_zero(tl.load(o + ptrs, mask=mask, other=0.0).to(tl.float32))
-    soft = _finite_or_zero(tl.load(mu + ptrs, mask=mask, other=0.0).to(tl.float32))
+    out = tl.load(o + ptrs, mask=mask, other=0.0).to(tl.float32)
+    soft = tl.load(mu + ptrs, mask=mask, other=0.0).to(tl.float32)
     # offs enumerates (batch, token, head); the stats live at (batch, head, token).
     head = offs % HQ
     token = (offs // HQ) % T
@@ -203,15 +196,6 @@ def _parallax_bwd_dkdv_kernel(
     else:
         k_cols = _load_keys(k + kv_base, seq_len, kv_stride, n0, col0, lowest, HEAD_DIM, BLOCK_N, BLOCK_D // D_SPLIT,
                             HAS_WINDOW)
-    if FUSED:
-        # The fused dQ multiplies every key of the tile by the rows' weights,
-        # zero for rows that do not see it: a non-finite key or value there
-        # must count as zero (0 * inf is NaN). Only here: the where keeps K/V
-        # in registers, which the default backward's tiles avoid (its dQ
-        # kernel zeroes them in its masked tiles).
-        k_tile = _finite_or_zero(k_tile)
-        v_tile = _finite_or_zero(v_tile)
-        k_cols = _finite_or_zero(k_cols)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D // D_SPLIT], tl.float32)
     qk_scale_log2 = scale * 1.4426950408889634  # log2(e)
@@ -250,9 +234,6 @@ def _stream_keys_grad(dq, dr, q_tile, r_tile, do_tile, lse_log2, row_sbar, row_d
         if (step < head_tiles) | (step >= head_tiles + full_tiles):
             p = tl.where(visible(query_pos[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW),
                          p, 0.0)
-            # Keys some rows do not see meet them through zero weights only: finite.
-            k_tile = _finite_or_zero(k_tile)
-            v_tile = _finite_or_zero(v_tile)
         s2 = tl.dot(r_tile, tl.trans(k_tile), input_precision=DOT_PRECISION)
         g = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         centred = g - row_dmu[:, None]

@@ -41,15 +41,6 @@ def _stream_keys(m_i, d1, d2, o1, o2, q_tile, r_tile, k_seq, v_seq, kv_stride, f
         if (step < head_tiles) | (step >= head_tiles + full_tiles):
             keep = visible(offs_m[:, None], (n0 + offs_n)[None, :], T, S, window, IS_CAUSAL, HAS_WINDOW)
             s1 = tl.where(keep, s1, float("-inf"))
-            # A key or value that some rows of the tile do not see must not reach
-            # them through a zero weight (0 * NaN): zero it, and make NaN the rows
-            # that do see a non-finite value.
-            s2 = tl.where(keep, s2, 0.0)
-            v_finite = (v_tile == v_tile) & (tl.abs(v_tile) != float("inf"))
-            v_tile = tl.where(v_finite, v_tile, 0.0)
-            bad_key = tl.max(tl.where(v_finite, 0, 1), 1)
-            sees_bad = tl.max(tl.where(keep & (bad_key[None, :] > 0), 1, 0), 1)
-            o1 = tl.where(sees_bad[:, None] > 0, float("nan"), o1)
         m_new = tl.maximum(m_i, tl.max(s1, 1))
         # A row that has seen no key keeps m = -inf; subtract 0 instead so
         # exp2 gives 0 rather than NaN.
