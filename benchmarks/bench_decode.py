@@ -44,7 +44,7 @@ from benchmarks.environment import add_out_argument, describe, markdown_table, s
 from benchmarks.official import import_official  # noqa: E402
 from benchmarks.timing import WARMUP_CALLS, l2_flush, measure, measure_cuda_graph  # noqa: E402
 from parallax import parallax_attn_with_kvcache  # noqa: E402
-from parallax.kernels.triton_decode import default_num_splits, launch_config, triton_decode  # noqa: E402
+from parallax.kernels.triton.decode import default_num_splits, launch_config, triton_decode  # noqa: E402
 
 HEAD_DIM = 128
 DTYPE = torch.bfloat16
@@ -294,7 +294,7 @@ def splits(c: Case) -> int:
 
 def split_sweep(replays: int, flush) -> list[str]:
     """B=1 decode timed at several split counts and at the model's choice: the
-    numbers that calibrate `choose_num_splits` (its constants in triton_decode.py)."""
+    numbers that calibrate `choose_num_splits` (its constants in parallax/kernels/triton/decode.py)."""
     header = ["L", *[f"{n} splits" for n in SWEEP_SPLITS], "model's choice", "best"]
     rows = []
     for L in SWEEP_LENGTHS:

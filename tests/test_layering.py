@@ -44,3 +44,31 @@ def test_no_cycle_between_subpackages():
 
     cycles = sorted(part for part in graph if reaches(part, part))
     assert not cycles, f"import cycles through {cycles}: {graph}"
+
+
+def kernel_imports() -> dict[str, set[str]]:
+    """{folder of parallax/kernels: the kernels folders its modules import (top level: "")}."""
+    root = PACKAGE / "kernels"
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        here = parts[0] if len(parts) > 1 else ""
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                package = parts[:-1][:max(0, len(parts) - node.level)] if node.level > 1 else parts[:-1]
+                target = (*package, *(node.module or "").split(".")) if node.module else package
+                target = tuple(t for t in target if t)
+                there = target[0] if target and (root / target[0]).is_dir() else ""
+                if there != here:
+                    graph.setdefault(here, set()).add(there)
+    return graph
+
+
+def test_kernels_folders_show_the_architecture():
+    """The torch path and the Triton kernels do not reach into each other or into the AOT tool; only the
+    public ops above them choose between the two, and the AOT tool compiles the Triton kernels."""
+    graph = kernel_imports()
+    assert "triton" in graph["aot"] and "torch_path" in graph[""]  # the graph is read at all
+    assert graph.get("torch_path", set()) <= {""}, graph
+    assert graph.get("triton", set()) <= {""}, graph
+    assert "aot" not in set().union(*(graph[k] for k in graph if k != "aot")), graph

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
-from .blockwise import blockwise_attention
+from .torch_path.blockwise import blockwise_attention
 from .checks import check_cu_seqlens, check_deterministic, check_flag, check_qkv, check_scale, check_window, resolve_scale
 from .window import spanning_window
 
@@ -41,7 +41,7 @@ def _torch_path(q, r, k, v, scale, causal, window_size, cu_seqlens):
 
 
 def _triton_path(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic=True):
-    from .op import parallax_triton  # lazy: the op's kernels need triton
+    from .triton.op import parallax_triton  # lazy: the op's kernels need triton
 
     return parallax_triton(q, r, k, v, scale, causal, window_size, cu_seqlens, deterministic)
 

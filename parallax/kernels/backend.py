@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .resources import wide_float32
+from .triton.resources import wide_float32
 
 BACKENDS = (None, "torch", "triton")
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None

@@ -9,7 +9,7 @@ L = cache_seqlens + Tq keys (L = cache_seqlens when no k, v are given), and
 query t sits at position L - Tq + t: end-aligned causal, as FlashAttention.
 `cache_leftpad` [B] (FlashAttention's argument of that name) marks the first
 positions of each sequence as left padding: keys there are never attended to.
-The Triton kernel lives in `triton_decode.py`; the torch path here is exact
+The Triton kernel lives in `triton/decode.py`; the torch path here is exact
 and serves CPU tensors and inputs the kernel does not take.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .backend import resolve_backend
-from .blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
+from .torch_path.blockwise import SCORE_BLOCK_ELEMENTS, compute_dtype, parallax_weights
 from .checks import check_same, check_scale, check_tensor, check_window, resolve_scale
 from .reference import nonfinite_positions, poison_rows, visible_keys
 from .window import spanning_window
@@ -109,7 +109,7 @@ def _reads_values(check_values, use_triton, cache_seqlens) -> bool:
     """Whether the host reads cache_seqlens and block_table before the call.
 
     Reading device memory waits for the device, so by default the Triton
-    kernel on CUDA does not: it guards itself (see `triton_decode.py`: never
+    kernel on CUDA does not: it guards itself (see `triton/decode.py`: never
     outside the cache; a sequence with an invalid length gets NaN rows and no
     append). The torch path and CPU tensors (the interpreter) read them, which
     costs nothing there. Nothing is read while a CUDA graph is captured or
@@ -289,7 +289,7 @@ def parallax_attn_with_kvcache(
     scale = resolve_scale(scale, q.shape[-1])
     window_size = spanning_window(window_size, capacity + q.shape[1])
     if use_triton:
-        from .triton_decode import triton_decode  # lazy: the torch path works without triton
+        from .triton.decode import triton_decode  # lazy: the torch path works without triton
 
         # The kernel appends k, v itself, in the same launch.
         return triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, k=k, v=v, scale=scale,

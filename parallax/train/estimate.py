@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.blockwise import plan
+from ..kernels.torch_path.blockwise import plan
 from ..models import GPT
 from ..models.config import GPTConfig
 from ..optim import split_params
@@ -111,7 +111,7 @@ def activation_bytes_per_token(config: GPTConfig, itemsize: int) -> float:
 
 
 def kept_score_bytes(config: GPTConfig, batch_size: int, seq_len: int) -> int:
-    """What the torch path's Parallax forward keeps per layer for its backward (see kernels.blockwise.plan)."""
+    """What the torch path's Parallax forward keeps per layer for its backward (see kernels.torch_path.blockwise.plan)."""
     blocks, keep = plan(batch_size, seq_len, seq_len, config.n_head, True, config.window_size, 4)
     return sum(2 * batch_size * config.n_head * len(t) * len(s) * 4 for t, s in blocks) if keep else 0
 

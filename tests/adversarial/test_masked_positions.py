@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from parallax import parallax_attn, parallax_attn_with_kvcache, parallax_reference, softmax_attention
-from parallax.kernels import blockwise
+from parallax.kernels.torch_path import blockwise
 from parallax.kernels.reference import end_aligned_positions, visible_keys
 
 from .budget import budget

@@ -48,7 +48,7 @@ def test_result_cache_misses_rows_written_before_a_column_was_added(tmp_path):
     """A row cached by an older aot.py (fewer columns) is compiled again, not
     shown with the new columns' defaults; one with every column is reused."""
     from parallax.kernels.aot import Job, ResultCache, Row
-    from parallax.kernels.aot_scenarios import Scenario
+    from parallax.kernels.aot.scenarios import Scenario
 
     scenario = Scenario("forward", 90, "bfloat16", 64)
     job = Job(scenario, 0, 0, True, "_parallax_fwd_kernel", "cfg", "key")

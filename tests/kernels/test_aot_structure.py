@@ -1,6 +1,6 @@
-"""Reading a compiled kernel's main loop and dot layouts (`aot_structure`) on
+"""Reading a compiled kernel's main loop and dot layouts (`parallax.kernels.aot.structure`) on
 hand-written PTX and TTGIR in the shapes LLVM and Triton print them."""
-from parallax.kernels.aot_structure import duplicated_dots, loop_structure, main_loop
+from parallax.kernels.aot.structure import duplicated_dots, loop_structure, main_loop
 
 # Two nested loops: the inner one (BB0_4, its body split over two blocks, one
 # of them placed before the header) holds more MMAs than the outer one.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parallax import parallax_attn, parallax_reference, softmax_attention
-from parallax.kernels import blockwise
+from parallax.kernels.torch_path import blockwise
 
 from .oracle import assert_within_rule, max_err, parallax_f64, parallax_jvp_f64
 from .test_reference import CASES, make_inputs

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from parallax.kernels import blockwise
-from parallax.kernels.dense import mask_bias
+from parallax.kernels.torch_path import blockwise
+from parallax.kernels.torch_path.dense import mask_bias
 from parallax.kernels.reference import end_aligned_positions, visible_keys
 
 

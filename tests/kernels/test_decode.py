@@ -13,8 +13,8 @@ import torch
 
 from parallax import ParallaxAttention, parallax_attn, parallax_attn_with_kvcache, parallax_reference
 from parallax.kernels import decode as decode_module
-from parallax.kernels import triton_decode as triton_decode_module
-from parallax.kernels.triton_decode import triton_decode
+from parallax.kernels.triton import decode as triton_decode_module
+from parallax.kernels.triton.decode import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CPU_DTYPES = (torch.float32, torch.float16)

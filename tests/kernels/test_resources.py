@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from parallax.kernels import resources
+from parallax.kernels.triton import resources
 from parallax.kernels.aot import COLUMNS, MAX_LOOP_BARRIERS, MODEL_KERNELS
-from parallax.kernels.resources import GPUS, Tiling, head_block
+from parallax.kernels.triton.resources import GPUS, Tiling, head_block
 
 from .aot_table import parse_table
 
@@ -124,8 +124,8 @@ def test_pruner_keeps_the_fitting_configs_of_the_device(arch):
     import torch
     import triton
 
-    from parallax.kernels.aot_capture import stand_in_driver
-    from parallax.kernels.triton_parallel import FORWARD_PRUNE, MAX_KEPT
+    from parallax.kernels.aot.capture import stand_in_driver
+    from parallax.kernels.triton.common import FORWARD_PRUNE, MAX_KEPT
 
     tilings = [Tiling(*t) for t in resources.CANDIDATES["forward"]]
     configs = [triton.Config({"BLOCK_M": t.block_m, "BLOCK_N": t.block_n}, num_warps=t.num_warps,
@@ -148,8 +148,8 @@ def test_dkdv_pruner_rejects_tilings_that_duplicate_work_on_hopper(fused):
     import torch
     import triton
 
-    from parallax.kernels.aot_capture import stand_in_driver
-    from parallax.kernels.triton_parallel import BACKWARD_KV_PRUNE
+    from parallax.kernels.aot.capture import stand_in_driver
+    from parallax.kernels.triton.common import BACKWARD_KV_PRUNE
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in resources.CANDIDATES["backward_kv"]]

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from parallax.kernels import parallax_attn, parallax_reference, softmax_attention
-from parallax.kernels.op import attn_bwd, attn_fwd
-from parallax.kernels.triton_parallel import heavy_first
+from parallax.kernels.triton.op import attn_bwd, attn_fwd
+from parallax.kernels.triton.common import heavy_first
 
 from .oracle import assert_within_rule, max_err
 
@@ -148,7 +148,7 @@ def test_deterministic_float16_matches_float64(case):
 def test_dkdv_column_halves_match_float64(monkeypatch, case, deterministic, dtype):
     """The dK/dV kernel's column split (head dim 256 on a GPU: 4 or 8 programs
     per key tile) forced at D=24 in two: columns [0, 16) and [16, 24) of the padded 32."""
-    from parallax.kernels import triton_parallel_bwd
+    from parallax.kernels.triton import backward as triton_parallel_bwd
 
     monkeypatch.setattr(triton_parallel_bwd, "dkdv_column_split", lambda block_d: 2)
     _check_against_float64(*CASES[case], dtype=dtype, deterministic=deterministic)
@@ -299,7 +299,7 @@ def test_heavy_first_order_covers_every_tile_once(num_tiles, num_heads, group_he
 def test_heads_in_several_l2_groups_match_float64(monkeypatch, deterministic):
     """With an L2 budget of one head, every head is its own group (and with
     GQA 4:2 the query kernels' groups hold one K/V head's two query heads)."""
-    from parallax.kernels import triton_parallel
+    from parallax.kernels.triton import common as triton_parallel
 
     monkeypatch.setattr(triton_parallel, "L2_GROUP_BYTES", 1)
     _check_against_float64(2, 37, 37, 4, 2, 16, True, 17, None, dtype=torch.float32, deterministic=deterministic)

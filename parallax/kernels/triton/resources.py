@@ -1,6 +1,6 @@
 """What a tiling of a training kernel costs in shared memory and registers.
 
-The autotune pruner (`triton_parallel.prune`) keeps only the configs this
+The autotune pruner (`common.prune`) keeps only the configs this
 model says fit the GPU, and `tests/kernels/test_resources.py` checks the model
 against every row of the AOT compile table (benchmarks/results/aot_kernels.md,
 written by `python -m parallax.kernels.aot`).

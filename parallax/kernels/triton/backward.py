@@ -30,13 +30,13 @@ import triton
 import triton.language as tl
 
 from . import resources
-from .triton_parallel import (
+from .common import (
     AUTOTUNE_KEY, BACKWARD_KV_CONFIGS, BACKWARD_KV_PRUNE, BACKWARD_Q_CONFIGS, BACKWARD_Q_PRUNE, column_tile_pointers,
     device_limits, heads_per_group, heavy_first, key_range, load_columns, load_tile, locate_tile,
     query_range, query_tile, query_tile_offsets, store_columns, store_tile, tile_phases, tiles_per_head, visible,
 )
-from .triton_parallel_fwd import dot_precision, key_heads_per_group, varlen_args
-from .window import kernel_window
+from .forward import dot_precision, key_heads_per_group, varlen_args
+from ..window import kernel_window
 
 # Elements per program of the D / E reduction: three [rows, BLOCK_D] float32
 # tiles must stay in registers (64 rows at D=256 spilled: AOT table).

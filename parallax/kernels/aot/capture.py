@@ -11,7 +11,7 @@ Triton's own JIT path (`JITFunction.run(..., warmup=True)`), so what is
 compiled is exactly what a real launch would compile: same signature, same
 specialisation, same constexprs. Registers and spills come from ptxas's
 verbose log, the main loop's instructions from the PTX and TTGIR
-(`aot_structure`).
+(`structure`).
 
 Imports triton: run it where TRITON_INTERPRET is unset (`aot.py` does).
 """
@@ -28,8 +28,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-from .aot_structure import LoopStructure, loop_structure
-from .resources import GPUS, REGISTERS_PER_BLOCK
+from .structure import LoopStructure, loop_structure
+from ..triton.resources import GPUS, REGISTERS_PER_BLOCK
 
 
 class _Utils:
@@ -159,7 +159,7 @@ class CompileStats:
     spill_loads: int
     wgmma: bool       # Hopper warpgroup MMA in the PTX
     num_warps: int
-    structure: LoopStructure  # what the main loop does (aot_structure)
+    structure: LoopStructure  # what the main loop does (structure)
 
 
 def compile_launch(launch: Launch, arch: int, config=None) -> CompileStats:

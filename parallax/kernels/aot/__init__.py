@@ -5,14 +5,14 @@
     python -m parallax.kernels.aot --kind forward --arch 90 --dtype bfloat16 --head-dim 128
     python -m parallax.kernels.aot --out benchmarks/results/aot_kernels.md
 
-Each scenario (`aot_scenarios.Scenario`: launcher, arch, dtype, head dim,
+Each scenario (`scenarios.Scenario`: launcher, arch, dtype, head dim,
 flags) calls the real launcher on small CPU tensors under
-`aot_capture.capture`, which records the launches and the autotune configs
+`capture.capture`, which records the launches and the autotune configs
 the pruner keeps for that GPU; each distinct (kernel, specialisation, config)
 is then compiled once, in parallel worker processes, and printed as one row:
 shared memory, registers and spill bytes from ptxas beside the registers the
 resource model predicts, whether Hopper's wgmma is used, and what the main
-loop does (`aot_structure`: its MMA instruction shapes, `bar.sync` and
+loop does (`structure`: its MMA instruction shapes, `bar.sync` and
 `ldmatrix` per iteration, dots computed twice by surplus warps). The exit
 status is 1 when a kept config cannot launch (shared memory over the GPU's
 per-block limit, more registers than a block may hold), spills more than
@@ -38,9 +38,9 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from . import resources
-from .aot_scenarios import DECODE_LAYOUTS, TRAINING_KINDS, Scenario
-from .resources import GPUS, REGISTERS_PER_BLOCK, SPILL_BUDGET
+from ..triton import resources
+from .scenarios import DECODE_LAYOUTS, TRAINING_KINDS, Scenario
+from ..triton.resources import GPUS, REGISTERS_PER_BLOCK, SPILL_BUDGET
 
 ARCHS = (90, 80)
 DTYPES = ("bfloat16", "float16", "float32")
@@ -67,7 +67,7 @@ def training_scenarios(archs, dtypes, head_dims, kinds, flag_sweep=True):
     """Every kept config at the heaviest flags (all masks, varlen, GQA), for
     every arch, dtype and head dim (float32 where it goes to Triton); and, at sm_90 bf16 D=128 (when selected),
     every combination of the flags that change code."""
-    from .resources import wide_float32
+    from ..triton.resources import wide_float32
 
     out = []
     for kind, arch, dtype, d in itertools.product(kinds, archs, dtypes, head_dims):
@@ -85,7 +85,7 @@ def training_scenarios(archs, dtypes, head_dims, kinds, flag_sweep=True):
 def decode_scenarios(archs, dtypes, head_dims):
     """Contiguous and paged caches, with and without append, GQA 4 with the
     merge of 4 splits; group 1 and one split on the contiguous cache."""
-    from .aot_scenarios import decode_supported
+    from .scenarios import decode_supported
 
     out = []
     for arch, dtype, d in itertools.product(archs, dtypes, head_dims):
@@ -142,7 +142,7 @@ class Row:
     spill: int
     wgmma: bool
     num_warps: int
-    loop_mma: str = "-"      # the main loop's MMA instructions (aot_structure.LoopStructure.mma_text)
+    loop_mma: str = "-"      # the main loop's MMA instructions (structure.LoopStructure.mma_text)
     loop_wgmma: bool = False
     barriers: int = 0        # bar.sync in the main loop
     ldmatrix: int = 0        # ldmatrix in the main loop
@@ -188,8 +188,8 @@ class Row:
 
 @functools.lru_cache(maxsize=64)
 def _launches(scenario: Scenario):
-    from .aot_capture import capture
-    from .aot_scenarios import run_scenario
+    from .capture import capture
+    from .scenarios import run_scenario
 
     with capture(scenario.arch) as launches:
         run_scenario(scenario)
@@ -211,7 +211,7 @@ def list_jobs(scenario: Scenario, all_configs: bool, first_only: bool) -> list[J
     """The compiles a scenario asks for (worker side)."""
     import triton
 
-    from .aot_capture import specialisation
+    from .capture import specialisation
 
     jobs = []
     for index, launch in enumerate(_launches(scenario)):
@@ -236,7 +236,7 @@ def list_jobs(scenario: Scenario, all_configs: bool, first_only: bool) -> list[J
 
 
 def compile_job(job: Job) -> Row:
-    from .aot_capture import compile_launch
+    from .capture import compile_launch
 
     launch = _launches(job.scenario)[job.launch]
     config = None if job.config is None else launch.candidates[job.config]
@@ -311,7 +311,7 @@ def markdown(rows: list[Row], command: str, seconds: float) -> str:
         f"`{command}` with triton {triton.__version__} (ptxas from its wheel), {seconds / 60:.1f} min.",
         f"Limits: shared memory per block {GPUS[90]['max_shared_mem']} B (sm_90), {GPUS[80]['max_shared_mem']} B "
         f"(sm_80); {REGISTERS_PER_BLOCK} registers per block; spill budget {SPILL_BUDGET} B of spill stores per "
-        f"thread. `model`: registers the resource model predicts (parallax/kernels/resources.py). `loop MMA`, "
+        f"thread. `model`: registers the resource model predicts (parallax/kernels/triton/resources.py). `loop MMA`, "
         f"`bar.sync`, `ldmatrix`: the main loop's instructions (static counts over its body); `dup dots`: dots "
         f"computed by surplus warps too, of all dots. On sm_90 a training kernel's wgmma loop fails with a "
         f"duplicated dot or an m64n8 wgmma, the dK/dV loop also with ldmatrix or more than {MAX_LOOP_BARRIERS} "
@@ -337,7 +337,8 @@ def _sort_key(row: Row):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m parallax.kernels.aot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subset", choices=("full", "ci"), default="full")
     parser.add_argument("--arch", type=int, nargs="+", choices=ARCHS, default=list(ARCHS))
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES))
@@ -408,6 +409,3 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}")
     return 1 if failing else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

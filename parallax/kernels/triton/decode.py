@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .window import kernel_window
+from ..window import kernel_window
 
 LOG2E = 1.4426950408889634
 # A split should stream enough keys to amortise writing its partial and
@@ -58,7 +58,7 @@ RESERVED_SHARED_PER_BLOCK = 1024  # CUDA's per-block reservation (sm_80 and late
 REGISTERS_PER_SM = 65536
 THREADS_PER_SM = 2048
 MAX_REGISTERS_PER_THREAD = 255
-SPLIT_REGISTERS = {(2, 64): 80, (2, 128): 160, (2, 256): 208, (4, 64): 192}  # (element bytes, head dim)
+SPLIT_REGISTERS = {(2, 64): 83, (2, 128): 162, (2, 256): 208, (4, 64): 192}  # (element bytes, head dim)
 # Row pairs (q row + r row) per program, capped so the [2 * pairs, D] float32
 # accumulator stays in registers (sm_90 compiles: no spills at these caps).
 MIN_PAIRS = 8  # tl.dot needs at least 16 rows
@@ -74,20 +74,24 @@ MERGE_SPLIT_BLOCK = 16
 
 @triton.jit
 def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
-            PAIRS: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            PAIRS: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS_DIFFER: tl.constexpr):
     """One key tile of the online-softmax recurrence, in base 2, for the
-    interleaved [q; r] rows: returns the updated (m, d, acc)."""
+    interleaved [q; r] rows: returns the updated (m, d, acc).
+
+    ROWS_DIFFER: the rows are several new tokens, so a key of the tile may be
+    visible to some rows only. Then a non-finite key or value must not reach
+    the others through a zero weight (0 * NaN): it is zeroed, and the rows that
+    do see one are made NaN. With one new token every row sees the same keys
+    (the loads zero the rest), and the kernel stays without these checks."""
     scores = tl.dot(qr, tl.trans(k), input_precision=DOT_PRECISION)
     s1, s2 = tl.split(tl.permute(tl.reshape(scores, (PAIRS, 2, BLOCK)), (0, 2, 1)))
     s1 = tl.where(visible, s1 * qk_scale_log2, float("-inf"))
-    # A key or value some rows do not see must not reach them through a zero
-    # weight (0 * NaN): zero it, and make NaN the rows that do see a non-finite value.
-    s2 = tl.where(visible, s2, 0.0)
-    v_finite = (v == v) & (tl.abs(v) != float("inf"))
-    v = tl.where(v_finite, v, 0.0)
-    bad_key = tl.max(tl.where(v_finite, 0, 1), 1)
-    sees_bad = tl.max(tl.where(visible & (bad_key[None, :] > 0), 1, 0), 1)
-    sees_bad_rows = tl.reshape(tl.join(sees_bad, sees_bad), (2 * PAIRS,))
+    if ROWS_DIFFER:
+        s2 = tl.where(visible, s2, 0.0)
+        v_finite = (v == v) & (tl.abs(v) != float("inf"))
+        v = tl.where(v_finite, v, 0.0)
+        bad_key = tl.max(tl.where(v_finite, 0, 1), 1)
+        sees_bad = tl.max(tl.where(visible & (bad_key[None, :] > 0), 1, 0), 1)
     m_new = tl.maximum(m, tl.max(s1, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
     alpha = tl.math.exp2(m - m_safe)
@@ -96,7 +100,9 @@ def _attend(qr, k, v, visible, m, d, acc, qk_scale_log2,
     alpha_rows = tl.reshape(tl.join(alpha, alpha), (2 * PAIRS,))
     d = d * alpha_rows + tl.sum(p, 1)
     acc = acc * alpha_rows[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, d, tl.where(sees_bad_rows[:, None] > 0, float("nan"), acc)
+    if ROWS_DIFFER:
+        acc = tl.where(tl.reshape(tl.join(sees_bad, sees_bad), (2 * PAIRS,))[:, None] > 0, float("nan"), acc)
+    return m_new, d, acc
 
 
 @triton.jit
@@ -113,7 +119,7 @@ def _split_kernel(
     qk_scale_log2, window, capacity, num_blocks, num_queries, num_kv_heads, num_row_blocks, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, ROWS_DIFFER: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = pid % num_splits
@@ -184,7 +190,7 @@ def _split_kernel(
     bad_blocks = tl.zeros([], tl.int32)  # block table entries out of range met by this program
     for start in range(lo, hi, BLOCK_N):
         key = start + tl.arange(0, BLOCK_N)
-        in_range = (key < hi) & (key >= leftpad)
+        in_range = (key < hi) & (key >= key_lo)  # keys before every row's window load as zeros
         if PAGED:
             block = tl.load(BLOCK_TABLE + batch * stride_table_b + key // PAGE_SIZE, mask=in_range, other=0)
             block_ok = (block >= 0) & (block < num_blocks)
@@ -201,7 +207,7 @@ def _split_kernel(
                     mask=in_range[:, None], other=0.0)
         visible = (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window)
         visible = visible & in_range[None, :] & pair_valid[:, None]
-        m, d, acc = _attend(qr, k, v, visible, m, d, acc, qk_scale_log2, PAIRS, BLOCK_N, DOT_PRECISION)
+        m, d, acc = _attend(qr, k, v, visible, m, d, acc, qk_scale_log2, PAIRS, BLOCK_N, DOT_PRECISION, ROWS_DIFFER)
 
     if PAGED:
         if is_last:
@@ -229,10 +235,13 @@ def _split_kernel(
                             + dim[None, :] * stride_vnd, mask=t_valid[:, None], other=0.0)
                 visible = (key[None, :] <= pos[:, None]) & (key[None, :] > pos[:, None] - window)
                 visible = visible & t_valid[None, :] & pair_valid[:, None] & (key[None, :] >= leftpad)
-                # A padding token is stored but attends as a zero key (0 * NaN must not reach the output).
-                is_token = (key >= leftpad)[:, None]
-                m, d, acc = _attend(qr, tl.where(is_token, k, 0.0), tl.where(is_token, v, 0.0), visible, m, d, acc,
-                                    qk_scale_log2, PAIRS, NEW_TILE, DOT_PRECISION)
+                k_seen, v_seen = k, v
+                if HAS_LEFTPAD:
+                    # A padding token is stored but attends as a zero key (0 * NaN must not reach the output).
+                    is_token = (key >= leftpad)[:, None]
+                    k_seen, v_seen = tl.where(is_token, k, 0.0), tl.where(is_token, v, 0.0)
+                m, d, acc = _attend(qr, k_seen, v_seen, visible, m, d, acc, qk_scale_log2, PAIRS, NEW_TILE,
+                                    DOT_PRECISION, ROWS_DIFFER)
                 if row_block == 0:
                     write = t < writable  # (not `t_valid & ok`: the interpreter rejects a mask made so)
                     if PAGED:
@@ -456,7 +465,7 @@ def triton_decode(q, r, k_cache, v_cache, cache_seqlens, block_table, *, k=None,
         *out.stride(), table.stride(0),
         scale * LOG2E, window, capacity, k_cache.shape[0], Tq, HK, num_row_blocks, num_splits,
         GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size, PAGED=paged, APPEND=append, HAS_LEFTPAD=has_leftpad,
-        SINGLE_SPLIT=single,
+        SINGLE_SPLIT=single, ROWS_DIFFER=Tq > 1,
         DOT_PRECISION=precision, **config,
     )
     if not single:

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from .reference import visible_keys
+from ..reference import visible_keys
 
 
 def heads_view(x: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The launcher calls the AOT sweep makes: small CPU tensors handed to the
 real launchers (`parallax_fwd`, `parallax_bwd`, `triton_decode`), whose kernel
-launches `aot_capture.capture` records instead of running.
+launches `capture.capture` records instead of running.
 
 A `Scenario` names one call: which launcher, dtype, head dim and the flags
 that change the compiled code. Shapes are small but keep the alignment real
@@ -47,8 +47,8 @@ class Scenario:
 
 
 def _training_call(s: Scenario):
-    from .triton_parallel_bwd import parallax_bwd
-    from .triton_parallel_fwd import parallax_fwd
+    from ..triton.backward import parallax_bwd
+    from ..triton.forward import parallax_fwd
 
     dtype = getattr(torch, s.dtype)
     T, HK, D = 128, 2, s.head_dim
@@ -68,15 +68,15 @@ def _training_call(s: Scenario):
 
 def decode_supported(dtype: str, head_dim: int) -> bool:
     """Whether the decode dispatcher sends these inputs to the Triton kernel by default."""
-    from . import decode
-    from .resources import wide_float32
+    from .. import decode
+    from ..triton.resources import wide_float32
 
     return (getattr(torch, dtype) in decode.TRITON_DTYPES and head_dim in decode.TRITON_HEAD_DIMS
             and not wide_float32(dtype, head_dim))
 
 
 def _decode_call(s: Scenario):
-    from .triton_decode import triton_decode
+    from ..triton.decode import triton_decode
 
     dtype = getattr(torch, s.dtype)
     B, HK, D, capacity, page = 2, 2, s.head_dim, 256, 64
@@ -97,5 +97,5 @@ def _decode_call(s: Scenario):
 
 
 def run_scenario(s: Scenario) -> None:
-    """Call the launcher; inside `aot_capture.capture` this only records launches."""
+    """Call the launcher; inside `capture.capture` this only records launches."""
     (_decode_call if s.kind == "decode" else _training_call)(s)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
+from ..reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
 
 
 @torch.library.custom_op("parallax::attn_fwd", mutates_args=())
@@ -24,7 +24,7 @@ def attn_fwd(
     scale: float, causal: bool, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .triton_parallel_fwd import parallax_fwd
+    from .forward import parallax_fwd
 
     q, r, k, v = (x.contiguous() for x in (q, r, k, v))
     return parallax_fwd(q, r, k, v, scale, causal, window_size, cu_seqlens)
@@ -44,7 +44,7 @@ def attn_bwd(
     scale: float, causal: bool, window_size: Optional[int], cu_seqlens: Optional[torch.Tensor],
     deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .triton_parallel_bwd import parallax_bwd
+    from .backward import parallax_bwd
 
     grad_out, q, r, k, v, o, mu = (x.contiguous() for x in (grad_out, q, r, k, v, o, mu))
     return parallax_bwd(grad_out, q, r, k, v, o, lse, sbar, mu, scale, causal, window_size, cu_seqlens,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from .dense import BlockState, block_backward, block_forward, block_recompute, heads_view, mask_bias, to_heads
-from .reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
-from .window import spanning_window
+from ..reference import nonfinite_positions, poison_rows, rows_seeing, visible_range
+from ..window import spanning_window
 
 # Rows per block: as many as fill SCORE_BLOCK_ELEMENTS elements of a
 # [B * HQ, rows, keys] score matrix (a few MB, near the L2 cache, and causal

@@ -15,11 +15,11 @@ import triton
 import triton.language as tl
 
 from .resources import head_block
-from .triton_parallel import (
+from .common import (
     AUTOTUNE_KEY, FORWARD_CONFIGS, FORWARD_PRUNE, heads_per_group, key_range, load_tile, query_tile,
     query_tile_offsets, search_steps, store_tile, tile_phases, tiles_per_head, visible,
 )
-from .window import kernel_window
+from ..window import kernel_window
 
 
 @triton.jit
