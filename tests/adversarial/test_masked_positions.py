@@ -16,6 +16,7 @@ from parallax import parallax_attn, parallax_attn_with_kvcache, parallax_referen
 from parallax.kernels.torch_path import blockwise
 from parallax.kernels.reference import end_aligned_positions, visible_keys
 
+from ..layouts import packed_lengths
 from .budget import budget
 
 POISONS = (float("nan"), float("inf"), -float("inf"))
@@ -27,9 +28,8 @@ def case(draw, head_dims=(1, 2, 5, 8), max_len=24, packed_ok=True, max_batch=2):
     D = draw(st.sampled_from(head_dims))
     packed = packed_ok and draw(st.booleans())
     if packed:
-        lengths = draw(st.lists(st.integers(0, 9), min_size=1, max_size=3))
-        B, T = 1, max(1, sum(lengths))
-        lengths[-1] += T - sum(lengths)
+        lengths, T = packed_lengths(draw, 9)
+        B = 1
         S = T
     else:
         lengths = None

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from parallax import parallax_attn, parallax_attn_with_kvcache, parallax_reference
 
+from ..layouts import packed_lengths
 from .oracle import parallax_f64
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -45,9 +46,8 @@ def attention_case(draw):
     D = draw(st.integers(1, 8))
     packed = draw(st.booleans())
     if packed:
-        lengths = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
-        B, T = 1, max(1, sum(lengths))
-        lengths[-1] += T - sum(lengths)
+        lengths, T = packed_lengths(draw, 5)
+        B = 1
         S = T
     else:
         lengths = None
